@@ -1,0 +1,1151 @@
+#!/usr/bin/env python3
+"""
+local_learning.py -- supervised local learning in one file
+===========================================================
+
+End-to-end backpropagation (BP) keeps every activation of a network alive until the one backward pass reaches
+it. Supervised *local learning* cuts the network into K gradient-isolated modules f_1..f_K. Module k reads the
+detached output of module k-1, scores its own output with a small auxiliary network g_k and a local loss, and
+backpropagates that loss at once:
+
+    h_k = f_k(sg(h_{k-1}))                 sg = stop-gradient (detach): no gradient crosses a module boundary
+    L_k = loss_k(g_k(h_k), y)              k < K: a local loss through the auxiliary net g_k
+    L_K = CE(FC(GAP(h_K)), y)              the last module owns the network's real head
+
+Module k runs forward -> local loss -> backward -> detach before module k+1 runs forward, so autograd frees
+module k's activations first: peak activation memory is that of the largest module (plus its aux net), not of
+the whole network. All modules and aux nets then take one shared SGD step.
+
+Methods (--method)
+------------------
+    bp        end-to-end backpropagation (K = 1), the baseline every paper compares with
+    greedy    Greedy supervised layer-wise learning: aux = GAP -> Linear, cross-entropy
+    dgl       Decoupled Greedy Learning (Belilovsky et al., ICML 2020): the official "MLP-SR" aux net, CE
+    (InfoPro / InfoPro*, AugLocal, PredSim and the MAN / MLAAN / SGR add-ons plug into the same training step;
+     see the "methods" section -- a method is one small class.)
+
+Run
+---
+    python local_learning.py --method dgl --dataset cifar10 --arch resnet32 --K 16
+    python local_learning.py --method bp --dataset folder --data-dir ../shared/data/cifar10-subset --norm cifar10 \\
+        --batch-size 128 --lr 0.1 --epochs 5
+    python local_learning.py --method dgl --arch resnet110 --K 55 --bench 10 --batch-size 128     # speed + memory
+
+Recorded results (CPU, 2 cores, torch 2.14.1, real CIFAR-10 images: the 5,085/1,017-image subset in
+shared/data/cifar10-subset; ResNet-32, batch 128, lr 0.1, 5 epochs, seed 0 -- far below paper accuracy by design)
+    see README.md "Results": every number there was measured with the command printed beside it.
+
+Sections, in reading order: config -> data -> backbone & splits -> auxiliary nets -> methods -> memory meter
+-> training step -> evaluation -> main.
+"""
+import argparse
+import json
+import math
+import os
+import pickle
+import socket
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """A mistake in the command line or the data: printed as one line `error: ...`, exit status 2."""
+
+
+# =============================================================================================================
+# 1. Config
+# =============================================================================================================
+# Every flag has help text; defaults that depend on the dataset (batch, lr, epochs) are None here and resolved
+# in `resolve_config` from the dataset table, so that the printed config shows the values actually used.
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage + error
+        raise UserError(message)
+
+
+def build_parser():
+    p = _Parser(description="Supervised local learning (BP, Greedy SL, DGL, ...) on CIFAR-style ResNets.")
+    a = p.add_argument
+    a("--method", default="dgl", choices=sorted(METHODS), help="training method (see the header docstring)")
+    a("--dataset", default="cifar10", choices=sorted(DATASETS),
+      help="cifar10 | cifar100 | svhn | stl10 (torchvision files, downloaded into --data-dir) | imagenet "
+           "(ImageFolder DATA_DIR/train, DATA_DIR/val) | folder (any ImageFolder tree with train/ and val/)")
+    a("--data-dir", default="./data", help="where the dataset files are (or are downloaded to)")
+    a("--no-download", action="store_true", help="never try to download; fail at once naming the missing files")
+    a("--norm", default=None, choices=["cifar10", "imagenet", "half"],
+      help="--dataset folder only: normalisation + augmentation recipe (cifar10: CIFAR mean/std, reflect-pad 4, "
+           "flip; half: mean=std=0.5, zero-pad 4, flip (STL-10's); imagenet: ImageNet mean/std). "
+           "Default: inferred from image size (<=32 px cifar10, <=96 px half, else imagenet)")
+    a("--subset", type=int, default=0, help="train on the first N training images only (0 = all; for folder "
+      "trees, which list images class by class, N images drawn with a fixed seed)")
+    a("--no-augment", action="store_true", help="disable training augmentation (crop/flip)")
+    a("--arch", default="resnet32", choices=sorted(ARCHS, key=lambda s: (ARCHS[s][0], int(s[6:]))),
+      help="backbone: CIFAR ResNets resnet20/32/44/56/110 or torchvision-style ImageNet ResNets")
+    a("--K", type=int, default=None, help="number of gradient-isolated modules (default: 1 for bp, else 16)")
+    a("--balanced-memory", action="store_true",
+      help="InfoPro* split tables (ResNet-110 on cifar10/stl10, K=2,3,4): fewer blocks in early modules")
+    a("--print-splits", action="store_true", help="print which blocks each module owns and the aux-net "
+      "input shapes, then exit")
+    a("--epochs", type=int, default=None, help="training epochs (default 160, the InfoPro protocol; imagenet 90)")
+    a("--batch-size", type=int, default=None, help="default 1024 (CIFAR, SVHN), 128 (STL-10), 256 (ImageNet)")
+    a("--lr", type=float, default=None, help="initial learning rate (default 0.8 at batch 1024, 0.1 at 128/256)")
+    a("--wd", type=float, default=1e-4, help="SGD weight decay, applied to every parameter as in the originals")
+    a("--warmup-epochs", type=int, default=10,
+      help="linear warm-up epochs of the per-epoch cosine schedule (10 in the originals)")
+    a("--seed", type=int, default=0, help="random seed (CPU runs are bit-for-bit deterministic)")
+    a("--device", default=None, help="cuda | mps | cpu (default: the first available, in that order)")
+    a("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision (CUDA only)")
+    a("--workers", type=int, default=4, help="DataLoader workers for large-image datasets (imagenet, big folders)")
+    a("--mem-iters", type=int, default=2,
+      help="training iterations per epoch measured by the activation-memory meter (it costs time)")
+    a("--log-secs", type=float, default=30.0, help="seconds between progress lines within an epoch")
+    a("--bench", type=int, default=0,
+      help="benchmark: N timed training iterations on synthetic data of the dataset's shape, one JSON line, exit")
+    a("--save", default=None, help="checkpoint path, written atomically after every epoch")
+    a("--resume", default=None, help="checkpoint to resume from (same command line otherwise)")
+    a("--out", default=None, help="append the final JSON line to this file (e.g. results.jsonl)")
+    for cls in METHODS.values():
+        cls.add_args(p)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def pick_device(name):
+    if name:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine")
+        if name == "mps" and not torch.backends.mps.is_available():
+            raise UserError("--device mps: MPS is not available on this machine")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# =============================================================================================================
+# 2. Data
+# =============================================================================================================
+# The small datasets (CIFAR, SVHN, STL-10, small-image folders) are held as ONE uint8 tensor on the training
+# device and augmented there, a whole batch at a time: a random crop is "pad the batch, then gather each image's
+# window at its own random offset", a flip is a masked `torch.where`. No PIL, no worker processes, no host-device
+# copies in the training loop. Large images (ImageNet) use a classic DataLoader.
+
+@dataclass(frozen=True)
+class DataSpec:
+    name: str
+    classes: int
+    size: int                     # image side S (inputs are 3 x S x S)
+    mean: tuple
+    std: tuple
+    pad: int                      # random-crop padding (0 = no crop)
+    pad_mode: str                 # 'reflect' (CIFAR) or 'constant' (zero padding: SVHN, STL-10)
+    flip: bool                    # random horizontal flip (never for SVHN: digits are not mirror-symmetric)
+    batch: int                    # protocol defaults
+    lr: float
+    epochs: int = 160
+    large: bool = False           # True: DataLoader + RandomResizedCrop path (ImageNet-sized images)
+
+
+CIFAR_MEAN, CIFAR_STD = (125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)
+HALF = (0.5, 0.5, 0.5)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# Augmentation and normalisation exactly as the InfoPro/MAN code (spec section 3.3). CIFAR-100 is not in the
+# originals; it takes CIFAR-10's recipe with its own (widely used) channel statistics.
+DATASETS = {
+    "cifar10": DataSpec("cifar10", 10, 32, CIFAR_MEAN, CIFAR_STD, 4, "reflect", True, 1024, 0.8),
+    "cifar100": DataSpec("cifar100", 100, 32, (129.3 / 255, 124.1 / 255, 112.4 / 255),
+                         (68.2 / 255, 65.4 / 255, 70.4 / 255), 4, "reflect", True, 1024, 0.8),
+    "svhn": DataSpec("svhn", 10, 32, HALF, HALF, 2, "constant", False, 1024, 0.8),
+    "stl10": DataSpec("stl10", 10, 96, HALF, HALF, 4, "constant", True, 128, 0.1),
+    "imagenet": DataSpec("imagenet", 1000, 224, IMAGENET_MEAN, IMAGENET_STD, 0, "constant", True, 256, 0.1,
+                         epochs=90, large=True),
+    "folder": None,  # built from the folder itself by `folder_spec`
+}
+NORMS = {  # --norm recipes for --dataset folder
+    "cifar10": dict(mean=CIFAR_MEAN, std=CIFAR_STD, pad_mode="reflect"),
+    "half": dict(mean=HALF, std=HALF, pad_mode="constant"),
+    "imagenet": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, pad_mode="reflect"),
+}
+
+# On-disk files each torchvision dataset class leaves in --data-dir (what we read, and what we name when absent).
+TV_FILES = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
+    "cifar100": ("cifar-100-python", ["train", "test"]),
+    "svhn": ("", ["train_32x32.mat", "test_32x32.mat"]),
+    "stl10": ("stl10_binary", ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"]),
+}
+
+
+def _read_cifar(folder, files, label_key):
+    xs, ys = [], []
+    for f in files:
+        with open(os.path.join(folder, f), "rb") as fh:
+            d = pickle.load(fh, encoding="latin1")
+        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d[label_key], dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _read_svhn(path):
+    from scipy.io import loadmat  # SVHN ships MATLAB files; scipy is needed for this dataset only
+    m = loadmat(path)
+    x = np.ascontiguousarray(m["X"].transpose(3, 2, 0, 1))   # stored H x W x C x N
+    y = m["y"].astype(np.int64).reshape(-1) % 10              # digit 0 is stored as label 10
+    return x, y
+
+
+def _read_stl10(folder, split):
+    x = np.fromfile(os.path.join(folder, f"{split}_X.bin"), dtype=np.uint8).reshape(-1, 3, 96, 96)
+    x = np.ascontiguousarray(x.transpose(0, 1, 3, 2))         # stored column-major per channel
+    y = np.fromfile(os.path.join(folder, f"{split}_y.bin"), dtype=np.uint8).astype(np.int64) - 1  # 1..10 -> 0..9
+    return x, y
+
+
+def _download(name, root):
+    """Fetch with the torchvision dataset classes (they verify the archive's md5). Both SVHN splits and both
+    labelled STL-10 splits are fetched (the originals downloaded only SVHN's train split: spec bug 9)."""
+    import torchvision.datasets as tvd
+    socket.setdefaulttimeout(60)
+    if name == "cifar10":
+        tvd.CIFAR10(root, train=True, download=True)
+    elif name == "cifar100":
+        tvd.CIFAR100(root, train=True, download=True)
+    elif name == "svhn":
+        for split in ("train", "test"):
+            tvd.SVHN(root, split=split, download=True)
+    elif name == "stl10":
+        tvd.STL10(root, split="train", download=True)
+
+
+def load_torchvision(name, root, allow_download):
+    """Read CIFAR-10/100, SVHN or STL-10 from torchvision's on-disk format as uint8 NCHW arrays.
+
+    We read the files ourselves (a few lines each) instead of through the dataset classes: it is faster than
+    building PIL images, and it loads any copy in the same format (md5 is checked on download, not on load)."""
+    sub, files = TV_FILES[name]
+    folder = os.path.join(root, sub)
+    missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
+    if missing and allow_download:
+        try:
+            _download(name, root)
+        except Exception as e:  # offline, proxy, disk full...: one line, no traceback
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
+            raise UserError(f"{name}: missing {', '.join(missing)} in {folder} and the download failed ({reason}); "
+                            f"put torchvision's {name} files there (or point --data-dir at them)")
+        missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
+    if missing:
+        raise UserError(f"{name}: missing {', '.join(missing)} in {folder}; put torchvision's {name} files there "
+                        f"(or run without --no-download to fetch them)")
+    if name == "cifar10":
+        train, test = _read_cifar(folder, files[:5], "labels"), _read_cifar(folder, ["test_batch"], "labels")
+    elif name == "cifar100":
+        train, test = _read_cifar(folder, ["train"], "fine_labels"), _read_cifar(folder, ["test"], "fine_labels")
+    elif name == "svhn":
+        train, test = _read_svhn(os.path.join(folder, files[0])), _read_svhn(os.path.join(folder, files[1]))
+    else:
+        train, test = _read_stl10(folder, "train"), _read_stl10(folder, "test")
+    return train, test
+
+
+def _image_folders(root):
+    dirs = [os.path.join(root, "train"), os.path.join(root, "val")]
+    for d in dirs:
+        if not os.path.isdir(d):
+            raise UserError(f"missing folder {d}: expected an ImageFolder tree {root}/train/<class>/*.png|jpg and "
+                            f"{root}/val/<class>/*; put the images there or point --data-dir at them")
+    import torchvision.datasets as tvd
+    try:
+        train = tvd.ImageFolder(dirs[0])
+        val = tvd.ImageFolder(dirs[1])
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(f"{root}: {str(e).splitlines()[0]}")
+    # Val labels follow the train folder's class order, whatever classes val happens to contain.
+    unknown = sorted(set(val.classes) - set(train.classes))
+    if unknown:
+        raise UserError(f"{dirs[1]} has classes not in {dirs[0]}: {', '.join(unknown[:5])}")
+    val.samples = [(p, train.class_to_idx[val.classes[t]]) for p, t in val.samples]
+    return train, val
+
+
+def folder_spec(args):
+    """DataSpec for --dataset folder: classes from train/, size from the first image, recipe from --norm."""
+    from PIL import Image
+    train, _ = _image_folders(args.data_dir)
+    with Image.open(train.samples[0][0]) as im:
+        w, h = im.size
+    size = max(w, h)
+    norm = args.norm or ("cifar10" if size <= 32 else "half" if size <= 96 else "imagenet")
+    large = size > 96
+    r = NORMS[norm]
+    return DataSpec("folder", len(train.classes), 224 if large else size, r["mean"], r["std"],
+                    0 if large else max(1, size // 8), r["pad_mode"], True, 256 if large else 1024,
+                    0.1 if large else 0.8, 90 if large else 160, large), norm
+
+
+def load_folder_uint8(ds, size):
+    """Decode a small-image ImageFolder once into uint8 arrays (this is the only PIL in the program's fast path)."""
+    from PIL import Image
+    x = np.empty((len(ds.samples), 3, size, size), dtype=np.uint8)
+    for i, (path, _) in enumerate(ds.samples):
+        with Image.open(path) as im:
+            a = np.asarray(im.convert("RGB"))
+        if a.shape[:2] != (size, size):
+            raise UserError(f"{path} is {a.shape[1]}x{a.shape[0]}; the small-image path needs every image to be "
+                            f"{size}x{size} (like the first one)")
+        x[i] = a.transpose(2, 0, 1)
+    return x, np.asarray([t for _, t in ds.samples], dtype=np.int64)
+
+
+def augment(x, spec, gen):
+    """Batched on-device augmentation of float images in [0,1]: random crop via padding + per-image offsets, then
+    random horizontal flip. Same distribution as torchvision's RandomCrop(S, padding=p) + RandomHorizontalFlip."""
+    B, C, H, W = x.shape
+    dev = x.device
+    if spec.pad:
+        p = spec.pad
+        xp = F.pad(x, (p, p, p, p), mode=spec.pad_mode)
+        dy = torch.randint(0, 2 * p + 1, (B,), device=dev, generator=gen)
+        dx = torch.randint(0, 2 * p + 1, (B,), device=dev, generator=gen)
+        rows = (dy[:, None] + torch.arange(H, device=dev))[:, None, :, None]       # B x 1 x H x 1
+        cols = (dx[:, None] + torch.arange(W, device=dev))[:, None, None, :]       # B x 1 x 1 x W
+        x = xp[torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None],
+               rows, cols]
+    if spec.flip:
+        m = torch.rand(B, device=dev, generator=gen) < 0.5
+        x = torch.where(m[:, None, None, None], x.flip(3), x)
+    return x
+
+
+class DeviceLoader:
+    """Batches from a uint8 image tensor living on the training device. Shuffling is a device randperm drawn from
+    `gen` (a torch.Generator on that device, saved in checkpoints so a resumed run sees the same batches)."""
+
+    def __init__(self, images, labels, spec, batch_size, train, augment_on, gen, channels_last=False):
+        self.images, self.labels, self.spec, self.bs = images, labels, spec, batch_size
+        self.train, self.augment_on, self.gen, self.channels_last = train, augment_on, gen, channels_last
+        dev = images.device
+        self.mean = torch.tensor(spec.mean, device=dev).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec.std, device=dev).view(1, 3, 1, 1)
+
+    def __len__(self):
+        return math.ceil(len(self.labels) / self.bs)
+
+    def __iter__(self):
+        n = len(self.labels)
+        dev = self.images.device
+        order = torch.randperm(n, device=dev, generator=self.gen) if self.train else torch.arange(n, device=dev)
+        for i in range(0, n, self.bs):
+            idx = order[i:i + self.bs]
+            if self.train and len(idx) < 2:  # train-mode BatchNorm cannot normalise a batch of one
+                break
+            x = self.images[idx].float().div_(255)
+            if self.train and self.augment_on:
+                x = augment(x, self.spec, self.gen)
+            x = (x - self.mean) / self.std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[idx]
+
+
+class HostLoader:
+    """ImageNet-sized images: a torchvision DataLoader (workers decode JPEGs), moved to the device per batch."""
+
+    def __init__(self, ds, spec, batch_size, train, augment_on, workers, seed, device, channels_last=False):
+        import torchvision.transforms as T
+        norm = T.Normalize(spec.mean, spec.std)
+        if train and augment_on:
+            ds.transform = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        else:
+            ds.transform = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
+        g = torch.Generator()
+        g.manual_seed(seed)
+        self.dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=train, num_workers=workers,
+                                              pin_memory=device.type == "cuda", drop_last=train, generator=g,
+                                              persistent_workers=workers > 0)
+        self.device, self.channels_last, self.labels = device, channels_last, ds.targets
+        self.gen = g
+
+    def __len__(self):
+        return len(self.dl)
+
+    def __iter__(self):
+        for x, y in self.dl:
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True)
+
+
+def load_data(args, spec, device, gen):
+    """Return (train_loader, test_loader) for the resolved config."""
+    cl = device.type == "cuda"
+    if spec.large:
+        root = args.data_dir
+        train, val = _image_folders(root)
+        if args.subset:
+            train.samples = train.samples[:args.subset]
+            train.targets = [t for _, t in train.samples]
+        mk = lambda ds, tr: HostLoader(ds, spec, args.batch_size, tr, not args.no_augment, args.workers,
+                                       args.seed, device, cl)
+        return mk(train, True), mk(val, False)
+    if spec.name == "folder":
+        tr_ds, te_ds = _image_folders(args.data_dir)
+        train, test = load_folder_uint8(tr_ds, spec.size), load_folder_uint8(te_ds, spec.size)
+    else:
+        train, test = load_torchvision(spec.name, args.data_dir, not args.no_download)
+    (xtr, ytr), (xte, yte) = train, test
+    if args.subset:
+        if spec.name == "folder":  # ImageFolder lists images class by class: take a fixed shuffle first
+            keep = np.random.default_rng(0).permutation(len(ytr))[:args.subset]
+            xtr, ytr = xtr[keep], ytr[keep]
+        xtr, ytr = xtr[:args.subset], ytr[:args.subset]
+    t = lambda a: torch.from_numpy(a).to(device)
+    return (DeviceLoader(t(xtr), t(ytr), spec, args.batch_size, True, not args.no_augment, gen, cl),
+            DeviceLoader(t(xte), t(yte), spec, args.batch_size, False, False, gen, cl))
+
+
+def synthetic_loader(spec, batch_size, device, gen, n_batches):
+    """--bench: random uint8 images of the dataset's shape, augmented exactly like real ones."""
+    n = batch_size * n_batches
+    g = torch.Generator(device=device)
+    g.manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, spec.size, spec.size), dtype=torch.uint8, device=device, generator=g)
+    y = torch.randint(0, spec.classes, (n,), device=device, generator=g)
+    return DeviceLoader(x, y, replace(spec, large=False, pad=spec.pad or 4), batch_size, True, True, gen,
+                        device.type == "cuda")
+
+
+# =============================================================================================================
+# 3. Backbone and splits
+# =============================================================================================================
+# A backbone is a flat list of "units": unit 0 is the stem, units 1.. are the residual blocks in order. A split
+# into K modules is the list of units where each module ends; the last module also owns the head (GAP -> FC).
+# Keeping the backbone flat means state_dict keys and parameter counts do not depend on K.
+
+def conv3x3(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """He et al. 2016 post-activation block: conv-BN-ReLU-conv-BN, + shortcut, ReLU. The shortcut is a 1x1
+    projection + BN ("option B") whenever stride or width changes -- as InfoPro/MAN (not DGL's zero-pad option A)."""
+    expansion = 1
+
+    def __init__(self, cin, planes, stride=1):
+        super().__init__()
+        self.conv1, self.bn1 = conv3x3(cin, planes, stride), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = conv3x3(planes, planes), nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ResNet-50/101/152 block (stride on the 3x3 conv), for ImageNet."""
+    expansion = 4
+
+    def __init__(self, cin, planes, stride=1):
+        super().__init__()
+        cout = planes * 4
+        self.conv1, self.bn1 = nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = conv3x3(planes, planes, stride), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+# name -> (family, block, blocks per stage). CIFAR depth = 6n + 2 (stem conv + 2 convs x 3n blocks + FC).
+ARCHS = {f"resnet{6 * n + 2}": ("cifar", BasicBlock, [n, n, n]) for n in (3, 5, 7, 9, 18)}
+ARCHS.update(resnet18=("imagenet", BasicBlock, [2, 2, 2, 2]), resnet34=("imagenet", BasicBlock, [3, 4, 6, 3]),
+             resnet50=("imagenet", Bottleneck, [3, 4, 6, 3]), resnet101=("imagenet", Bottleneck, [3, 4, 23, 3]),
+             resnet152=("imagenet", Bottleneck, [3, 8, 36, 3]))
+
+# Published split tables (spec section 1.3/1.4), boundaries [stage, block] after which a module ends (K-1 of them;
+# [0, 0] = the stem alone). ResNet-32 K=16 makes the stem its own module, as the InfoPro code does.
+_ALL = lambda n: [[s, b] for s in (1, 2, 3) for b in range(n)]
+SPLITS = {
+    "resnet32": {
+        1: [], 2: [[2, 1]], 3: [[1, 4], [2, 4]], 4: [[1, 2], [2, 1], [3, 0]],
+        8: [[1, 0], [1, 2], [1, 4], [2, 1], [2, 3], [3, 0], [3, 2]],
+        16: [[0, 0]] + _ALL(5)[:-1],
+    },
+    "resnet110": {
+        1: [], 2: [[2, 8]], 3: [[1, 17], [2, 17]], 4: [[1, 11], [2, 7], [3, 3]],
+        8: [[1, 4], [1, 11], [2, 0], [2, 7], [2, 14], [3, 3], [3, 10]],
+        16: [[1, 1], [1, 4], [1, 7], [1, 10], [1, 13], [1, 16], [2, 1], [2, 4], [2, 7], [2, 11], [2, 15], [3, 1],
+             [3, 5], [3, 9], [3, 13]],
+        # K=32 is the MAN table (its final entry, the last block, is implicit here).
+        32: [[1, 1], [1, 2], [1, 4], [1, 5], [1, 7], [1, 9], [1, 11], [1, 13], [1, 14], [1, 16], [1, 17],
+             [2, 1], [2, 2], [2, 4], [2, 5], [2, 7], [2, 9], [2, 11], [2, 13], [2, 14], [2, 16], [2, 17],
+             [3, 1], [3, 3], [3, 4], [3, 6], [3, 7], [3, 9], [3, 11], [3, 13], [3, 15]],
+        # K=55: the stem alone, then one block per module (InfoPro's ResNet-32 K=16 convention; MAN instead merges
+        # the stem into module 1 and builds 54 modules -- its add-on reproduces that).
+        55: [[0, 0]] + _ALL(18)[:-1],
+    },
+    # ImageNet, InfoPro* K=2 (spec 1.5): module 1 = stem + layer1 + layer2[0..k].
+    "resnet101": {2: [[2, 0]]},
+    "resnet152": {2: [[2, 5]]},
+}
+# InfoPro* "balanced memory" tables: only ResNet-110, only CIFAR-10 and STL-10.
+BALANCED = {
+    "cifar10": {2: [[1, 14]], 3: [[1, 9], [2, 2]], 4: [[1, 6], [1, 14], [2, 8]]},
+    "stl10": {2: [[1, 14]], 3: [[1, 8], [2, 1]], 4: [[1, 6], [1, 14], [2, 8]]},
+}
+
+
+def split_ends(arch, K, balanced=False, dataset=""):
+    """Unit index (0 = stem) at which each of the K modules ends, last = final block.
+
+    Published tables are used verbatim where they exist. Elsewhere the split is even by block count: the stem
+    joins module 1 and the B blocks are dealt out as evenly as possible, the remainder going to the *last*
+    modules (their feature maps are smaller, as in the published tables); K = B + 1 puts the stem alone."""
+    blocks = ARCHS[arch][2]
+    B = sum(blocks)
+    unit = lambda s, b: 0 if s == 0 else 1 + sum(blocks[:s - 1]) + b
+    if K < 1 or K > B + 1:
+        raise UserError(f"--K {K} is impossible for {arch}: it has {B} residual blocks + the stem, so 1 <= K <= {B + 1}")
+    if balanced:
+        table = BALANCED.get(dataset, {}) if arch == "resnet110" else {}
+        if K not in table:
+            raise UserError(f"--balanced-memory (InfoPro*) tables exist only for resnet110 on cifar10/stl10 with "
+                            f"K in 2,3,4; got {arch}, {dataset}, K={K}")
+        bounds = table[K]
+    elif K in SPLITS.get(arch, {}):
+        bounds = SPLITS[arch][K]
+    elif K == B + 1:
+        bounds = [[0, 0]] + [[s + 1, b] for s, n in enumerate(blocks) for b in range(n)][:-1]
+    else:
+        sizes = [B // K + (1 if i >= K - B % K else 0) for i in range(K)]
+        return [int(e) for e in np.cumsum(sizes)]
+    return [unit(s, b) for s, b in bounds] + [B]
+
+
+def unit_name(arch, i):
+    if i == 0:
+        return "stem"
+    blocks = ARCHS[arch][2]
+    s = 0
+    while i > blocks[s]:
+        i -= blocks[s]
+        s += 1
+    return f"L{s + 1}.{i - 1}"
+
+
+def init_weights(module):
+    """He fan-out init for every conv (backbone, aux nets and decoders alike), BN = (1, 0); Linear layers keep
+    PyTorch's default -- exactly the originals' init loop."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            k = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / k))
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class LocalNet(nn.Module):
+    """The backbone as a flat unit list plus a split into K modules. `run(h, k)` runs module k only."""
+
+    def __init__(self, arch, num_classes, ends, image_size):
+        super().__init__()
+        family, block, blocks = ARCHS[arch]
+        if family == "cifar":
+            stem_w, widths, strides = 16, [16, 32, 64], [1, 2, 2]
+            stem = nn.Sequential(conv3x3(3, 16), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        else:
+            stem_w, widths, strides = 64, [64, 128, 256, 512], [1, 2, 2, 2]
+            stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                                 nn.MaxPool2d(3, 2, 1))
+        units, cin = [stem], stem_w
+        for w, s, n in zip(widths, strides, blocks):
+            for b in range(n):
+                units.append(block(cin, w, s if b == 0 else 1))
+                cin = w * block.expansion
+        self.arch, self.units, self.fc = arch, nn.ModuleList(units), nn.Linear(cin, num_classes)
+        self.ends = list(ends)
+        self.bounds = [(0 if k == 0 else self.ends[k - 1] + 1, e + 1) for k, e in enumerate(self.ends)]
+        self.K = len(self.ends)
+        init_weights(self)
+        # Output shape (C, H, W) of every unit, by one dry run: aux nets are sized from these.
+        with torch.no_grad():
+            was = self.training
+            self.eval()
+            h, self.unit_shapes = torch.zeros(1, 3, image_size, image_size), []
+            for u in self.units:
+                h = u(h)
+                self.unit_shapes.append(tuple(h.shape[1:]))
+            self.train(was)
+
+    @property
+    def boundary_shapes(self):
+        """Output shape of each local module k < K-1 (what its aux net reads)."""
+        return [self.unit_shapes[e] for e in self.ends[:-1]]
+
+    def run(self, h, k):
+        a, b = self.bounds[k]
+        for u in self.units[a:b]:
+            h = u(h)
+        return h
+
+    def head(self, h):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+    def forward(self, x):
+        for k in range(self.K):
+            x = self.run(x, k)
+        return self.head(x)
+
+
+# =============================================================================================================
+# 4. Auxiliary networks
+# =============================================================================================================
+
+class GreedyAux(nn.Module):
+    """Greedy SL head (InfoPro's `0c1f` + CE): the network's own head shape, GAP -> Linear(C -> classes)."""
+
+    def __init__(self, c, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, h):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+class DGLAux(nn.Module):
+    """DGL's official "MLP-SR" auxiliary net (eugenium/DGL, auxillary_classifier2 with n_lin=3, mlp_layers=3):
+
+        avg-pool to ceil(s/4) x ceil(s/4) -> 3 x [1x1 conv C->C (no bias) -> BN -> ReLU]
+        -> avg-pool to 2x2 -> flatten (4C) -> 3 x [Linear 4C->4C -> BN1d -> ReLU] -> Linear 4C -> classes
+
+    Parameters: C=16@32px 14,378; C=32@16px 54,858; C=64@8px 214,154. The official module reports 2C more
+    (14,410 / 54,922 / 214,282) because it also registers a BatchNorm2d(C) that its MLP variant never calls;
+    we leave that dead layer out (it receives no gradient and changes nothing)."""
+
+    def __init__(self, c, s, num_classes):
+        super().__init__()
+        self.pool = math.ceil(s / 4)
+        self.convs = nn.Sequential(*[m for _ in range(3) for m in
+                                     (nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True))])
+        f = 4 * c
+        self.mlp = nn.Sequential(*[m for _ in range(3) for m in
+                                   (nn.Linear(f, f), nn.BatchNorm1d(f), nn.ReLU(inplace=True))],
+                                 nn.Linear(f, num_classes))
+
+    def forward(self, h):
+        h = self.convs(F.adaptive_avg_pool2d(h, self.pool))
+        return self.mlp(torch.flatten(F.adaptive_avg_pool2d(h, 2), 1))
+
+
+# =============================================================================================================
+# 5. Methods
+# =============================================================================================================
+# A method owns the auxiliary nets of the K-1 local modules and defines their loss. The shared training step
+# (section 7) calls, for each local module k:
+#     z = method.aux_input(k, h)          hook: what the aux net reads (MAN/MLAAN feed EMA/bias branches here)
+#     loss, logits = method.local_loss(k, z, batch)
+#     ...backward...
+#     method.after_backward(k)            hook: e.g. EMA updates, right after module k's backward
+# `needs_input_grad` asks the step to hand module k an input that requires grad (gradient-based add-ons).
+# Adding a method = one class here + @register.
+
+METHODS = {}
+
+
+def register(cls):
+    METHODS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor               # normalised, augmented images
+    y: torch.Tensor               # labels
+    mean: torch.Tensor            # 1x3x1x1 normalisation constants, for methods that rebuild the [0,1] image
+    std: torch.Tensor
+
+    def x01(self):
+        """The augmented input image in [0,1] (target of reconstruction losses)."""
+        return (self.x * self.std + self.mean).clamp_(0, 1)
+
+
+class LocalMethod(nn.Module):
+    """Base class. Subclasses set `name`, implement `make_aux` (and optionally override `local_loss`)."""
+    name = ""
+    needs_input_grad = False
+
+    def __init__(self, net, args, num_classes):
+        super().__init__()
+        self.aux = nn.ModuleList([self.make_aux(c, h, w, num_classes, args) for c, h, w in net.boundary_shapes])
+        init_weights(self)
+
+    @staticmethod
+    def add_args(parser):
+        """Method-specific flags (none for the baselines)."""
+
+    @staticmethod
+    def default_K(args):
+        return 16
+
+    def check(self, net, args):
+        """Raise UserError for combinations this method cannot run."""
+
+    def make_aux(self, c, h, w, num_classes, args):
+        raise NotImplementedError
+
+    def aux_input(self, k, h):
+        return h
+
+    def local_loss(self, k, z, batch):
+        logits = self.aux[k](z)
+        return F.cross_entropy(logits, batch.y), logits
+
+    def after_backward(self, k):
+        pass
+
+
+@register
+class BP(LocalMethod):
+    """End-to-end backpropagation: one module (K = 1), the real head's cross-entropy, no aux nets."""
+    name = "bp"
+
+    @staticmethod
+    def default_K(args):
+        return 1
+
+    def check(self, net, args):
+        if net.K != 1:
+            raise UserError(f"--method bp trains end to end; use --K 1 (got --K {net.K})")
+
+
+@register
+class Greedy(LocalMethod):
+    """Greedy supervised local learning (the InfoPro paper's "Greedy SL" baseline; Belilovsky et al. 2019).
+
+    L_k = CE(W_k GAP(h_k) + b_k, y): each module is trained as if it were the last, through a linear head on
+    its pooled output (InfoPro's `0c1f` config with cross-entropy and weight 1)."""
+    name = "greedy"
+
+    def make_aux(self, c, h, w, num_classes, args):
+        return GreedyAux(c, num_classes)
+
+
+@register
+class DGL(LocalMethod):
+    """Decoupled Greedy Learning (Belilovsky, Eickenberg, Oyallon, ICML 2020).
+
+    L_k = CE(g_k(h_k), y) with g_k DGL's official MLP-SR aux net (DGLAux). DGL steps each module's optimizer
+    right after its backward; since every module's forward input is computed before any step, that is the same
+    update as our single shared SGD step."""
+    name = "dgl"
+
+    def make_aux(self, c, h, w, num_classes, args):
+        return DGLAux(c, h, num_classes)
+
+
+# =============================================================================================================
+# 6. Memory meter
+# =============================================================================================================
+# On every device we count the bytes autograd keeps for backward, via saved-tensor hooks: each saved tensor is
+# wrapped in a small object that adds its storage's size on creation and subtracts it when autograd drops it
+# (after that module's backward). Storages are deduplicated (a tensor saved by three ops counts once) and
+# parameters are excluded (they are reported separately, with gradients and optimizer state). The peak of this
+# count is the activation memory that local learning reduces.
+
+class _Held:
+    __slots__ = ("t", "key", "meter")
+
+    def __init__(self, t, key, meter):
+        self.t, self.key, self.meter = t, key, meter
+
+    def __del__(self):
+        self.meter._release(self.key)
+
+
+class ActivationMeter:
+    def __init__(self, params):
+        self.param_keys = {self._key(p) for p in params}
+        self.live, self.current, self.peak = {}, 0, 0
+
+    @staticmethod
+    def _key(t):
+        return (t.device.type, t.device.index, t.untyped_storage().data_ptr())
+
+    def _pack(self, t):
+        key = self._key(t)
+        if key in self.param_keys:
+            return t
+        n, size = self.live.get(key, (0, t.untyped_storage().nbytes()))
+        if n == 0:
+            self.current += size
+            self.peak = max(self.peak, self.current)
+        self.live[key] = (n + 1, size)
+        return _Held(t, key, self)
+
+    @staticmethod
+    def _unpack(h):
+        return h.t if isinstance(h, _Held) else h
+
+    def _release(self, key):
+        n, size = self.live[key]
+        if n == 1:
+            del self.live[key]
+            self.current -= size
+        else:
+            self.live[key] = (n - 1, size)
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def state_bytes(params, opt):
+    """Bytes of parameters, their gradients and the optimizer state (momentum buffers)."""
+    params = list(params)
+    p = sum(t.numel() * t.element_size() for t in params)
+    g = sum(t.grad.numel() * t.grad.element_size() for t in params if t.grad is not None)
+    o = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    return dict(param_bytes=p, grad_bytes=g, opt_state_bytes=o)
+
+
+MiB = 2 ** 20
+
+
+# =============================================================================================================
+# 7. Training step
+# =============================================================================================================
+
+def lr_at(epoch, lr0, epochs, warmup):
+    """Per-epoch cosine with linear warm-up, as the originals' `--cos_lr` (epoch is 1-indexed, lr constant within
+    an epoch): c_e = lr0/2 (1 + cos(pi e / E)); for e <= W, lr_e = c_e (e-1)/W + 0.01 (W+1-e)/W.
+    Reproduced quirks: epoch 1 starts at 0.01 whatever lr0 is, and the last epoch runs at lr = 0."""
+    c = 0.5 * lr0 * (1 + math.cos(math.pi * epoch / epochs))
+    if epoch <= warmup:
+        return c * (epoch - 1) / warmup + 0.01 * (warmup + 1 - epoch) / warmup
+    return c
+
+
+def forward_backward(net, method, batch, scaler, autocast, on_module_done=None):
+    """One iteration's forward and backward passes, module by module. Returns on-device stats
+    [final loss, final correct, local loss_0..K-2, local correct_0..K-2] (correct = -1 where a loss has no logits).
+
+    For k < K-1: h = f_k(sg(h)) -> L_k = local loss -> backward -> (hook) -> detach. The graph of module k is freed
+    by its backward before module k+1's forward: that is where the memory saving comes from. Summing the local
+    losses and calling backward once would keep every module's activations alive at the same time."""
+    h, K, y = batch.x, net.K, batch.y
+    losses, correct = [], []
+    for k in range(K):
+        h = h.detach()
+        if k > 0 and method.needs_input_grad:
+            h.requires_grad_(True)
+        with autocast:
+            h = net.run(h, k)
+            if k < K - 1:
+                loss, logits = method.local_loss(k, method.aux_input(k, h), batch)
+            else:
+                logits = net.head(h)
+                loss = F.cross_entropy(logits, y)
+        scaler.scale(loss).backward()
+        if k < K - 1:
+            method.after_backward(k)
+        if on_module_done is not None:
+            on_module_done(k)
+        losses.append(loss.detach().float())
+        correct.append((logits.argmax(1) == y).sum().float() if logits is not None else
+                       torch.full((), -1.0, device=y.device))
+    return torch.stack([losses[-1], correct[-1]] + losses[:-1] + correct[:-1])
+
+
+def train_epoch(net, method, opt, loader, scaler, autocast, spec_t, params, mem_iters, log_secs, epoch, epochs):
+    """One epoch. Host syncs happen only at progress lines and at the end (stats are summed on the device)."""
+    net.train()
+    method.train()
+    mean, std = spec_t
+    stats, seen, t0, last_log = None, 0, time.time(), time.time()
+    meter = ActivationMeter(params)
+    n_iters = len(loader)
+    for it, (x, y) in enumerate(loader):
+        batch = Batch(x, y, mean, std)
+        opt.zero_grad(set_to_none=True)
+        if it < mem_iters:
+            with meter:
+                s = forward_backward(net, method, batch, scaler, autocast)
+        else:
+            s = forward_backward(net, method, batch, scaler, autocast)
+        scaler.step(opt)
+        scaler.update()
+        s = torch.cat([s[:1] * len(y), s[1:2], s[2:]])
+        stats = s if stats is None else stats + s
+        seen += len(y)
+        if time.time() - last_log > log_secs and it + 1 < n_iters:
+            last_log = time.time()
+            loss = stats[0].item() / seen
+            check_finite(loss, epoch, it)
+            rate = seen / (last_log - t0)
+            eta = (n_iters - it - 1) * (last_log - t0) / (it + 1)
+            print(f"  epoch {epoch}/{epochs} iter {it + 1}/{n_iters}  loss {loss:.4f}  {rate:.0f} img/s  "
+                  f"eta {eta:.0f}s", flush=True)
+    return stats, seen, time.time() - t0, meter.peak
+
+
+def check_finite(loss, epoch, it=None):
+    if not math.isfinite(loss):
+        where = f"epoch {epoch}" + (f", iteration {it + 1}" if it is not None else "")
+        raise UserError(f"training loss became {loss} at {where}; lower --lr (or use --amp none)")
+
+
+# =============================================================================================================
+# 8. Evaluation
+# =============================================================================================================
+
+@torch.no_grad()
+def evaluate(net, loader, autocast):
+    """Test accuracy of backbone + final head only (aux nets are training scaffolding), BN in eval mode."""
+    net.eval()
+    correct, n = torch.zeros((), device=next(net.parameters()).device), 0
+    for x, y in loader:
+        with autocast:
+            correct += (net(x).argmax(1) == y).sum()
+        n += len(y)
+    return 100.0 * correct.item() / max(n, 1)
+
+
+# =============================================================================================================
+# 9. Main
+# =============================================================================================================
+
+def resolve_config(args):
+    """Fill dataset-dependent defaults; returns the DataSpec."""
+    if args.dataset == "folder":
+        spec, args.norm = folder_spec(args)
+    else:
+        if args.norm:
+            raise UserError("--norm applies to --dataset folder only")
+        spec = DATASETS[args.dataset]
+    cls = METHODS[args.method]
+    args.K = cls.default_K(args) if args.K is None else args.K
+    args.batch_size = args.batch_size or spec.batch
+    args.lr = spec.lr if args.lr is None else args.lr
+    args.epochs = spec.epochs if args.epochs is None else args.epochs
+    for name in ("batch_size", "epochs", "bench", "subset", "mem_iters"):
+        if getattr(args, name) < (1 if name in ("batch_size", "epochs") else 0):
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    return spec
+
+
+def build(args, spec):
+    ends = split_ends(args.arch, args.K, args.balanced_memory, spec.name)
+    net = LocalNet(args.arch, spec.classes, ends, spec.size)
+    method = METHODS[args.method](net, args, spec.classes)
+    method.check(net, args)
+    return net, method
+
+
+def print_splits(net, method):
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    print(f"{net.arch}: {net.K} module(s), backbone {n(net):,} params, aux nets {n(method):,} params")
+    print(f"{'module':>6}  {'units':<14} {'blocks':>6} {'params':>10}  {'aux input':<12} {'aux params':>10}")
+    for k, (a, b) in enumerate(net.bounds):
+        names = unit_name(net.arch, a) + ("" if b - a == 1 else "-" + unit_name(net.arch, b - 1))
+        nb = b - a - (a == 0)
+        p = sum(n(u) for u in net.units[a:b]) + (n(net.fc) if k == net.K - 1 else 0)
+        if k < net.K - 1:
+            shape, ap = "x".join(map(str, net.unit_shapes[b - 1])), f"{n(method.aux[k]):,}"
+        else:
+            shape, ap = "(head)", f"{n(net.fc):,}"
+        print(f"{k:>6}  {names:<14} {nb:>6} {p:>10,}  {shape:<12} {ap:>10}")
+
+
+def atomic_save(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def run(args):
+    spec = resolve_config(args)
+    device = pick_device(args.device)
+    if args.amp != "none" and device.type != "cuda":
+        raise UserError(f"--amp {args.amp} needs a CUDA device (this run uses {device.type})")
+    torch.manual_seed(args.seed)
+    net, method = build(args, spec)
+    if args.print_splits:
+        print_splits(net, method)
+        return None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the originals' setting (and what their memory numbers assume)
+    net.to(device)
+    method.to(device)
+    if device.type == "cuda":
+        net.to(memory_format=torch.channels_last)
+        method.to(memory_format=torch.channels_last)
+    params = list(net.parameters()) + list(method.parameters())
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.wd)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    gen = torch.Generator(device=device)
+    gen.manual_seed(args.seed)
+    spec_t = (torch.tensor(spec.mean, device=device).view(1, 3, 1, 1),
+              torch.tensor(spec.std, device=device).view(1, 3, 1, 1))
+    if args.bench:
+        return bench(args, spec, net, method, opt, scaler, autocast, spec_t, params, device, gen)
+
+    train_loader, test_loader = load_data(args, spec, device, gen)
+    cfg = {k: v for k, v in vars(args).items()}
+    cfg.update(device=str(device), modules=net.K, train_images=len(train_loader.labels),
+               params_backbone=sum(p.numel() for p in net.parameters()),
+               params_aux=sum(p.numel() for p in method.parameters()))
+    print("config: " + " ".join(f"{k}={v}" for k, v in cfg.items()), flush=True)
+
+    start_epoch, best, history = 1, 0.0, []
+    if args.resume:
+        ck = torch.load(args.resume, map_location=device, weights_only=False)
+        for key in ("method", "arch", "K", "dataset", "epochs"):
+            if ck["args"][key] != getattr(args, key):
+                raise UserError(f"--resume {args.resume}: checkpoint has {key}={ck['args'][key]}, "
+                                f"this run {key}={getattr(args, key)}")
+        net.load_state_dict(ck["net"])
+        method.load_state_dict(ck["method"])
+        opt.load_state_dict(ck["opt"])
+        scaler.load_state_dict(ck["scaler"])
+        gen.set_state(ck["gen"].to(gen.get_state().device) if hasattr(ck["gen"], "to") else ck["gen"])
+        torch.set_rng_state(ck["cpu_rng"])
+        start_epoch, best, history = ck["epoch"] + 1, ck["best"], ck["history"]
+        print(f"resumed from {args.resume} at epoch {ck['epoch']}", flush=True)
+
+    K = net.K
+    header = (f"{'ep':>4} {'lr':>7} {'loss':>7} {'train%':>6} {'test%':>6} {'best%':>6} {'act MiB':>8} "
+              f"{'cuda MiB':>8} {'img/s':>7} {'sec':>6}  aux acc% per module")
+    print(header, flush=True)
+    t_start, train_time, train_seen = time.time(), 0.0, 0
+    row = None
+    for epoch in range(start_epoch, args.epochs + 1):
+        lr = lr_at(epoch, args.lr, args.epochs, args.warmup_epochs)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        stats, seen, secs, act_peak = train_epoch(net, method, opt, train_loader, scaler, autocast, spec_t,
+                                                  params, args.mem_iters, args.log_secs, epoch, args.epochs)
+        cuda_alloc = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        cuda_res = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
+        s = stats.tolist()
+        loss, train_acc = s[0] / seen, 100.0 * s[1] / seen
+        check_finite(loss, epoch)
+        aux = [None if c < 0 else 100.0 * c / seen for c in s[2 + (K - 1):]]
+        test_acc = evaluate(net, test_loader, autocast)
+        best = max(best, test_acc)
+        train_time += secs
+        train_seen += seen
+        row = dict(epoch=epoch, lr=lr, loss=loss, train_acc=train_acc, test_acc=test_acc, aux_acc=aux,
+                   local_loss=[v / len(train_loader) for v in s[2:2 + (K - 1)]], act_peak_bytes=act_peak,
+                   cuda_peak_alloc=cuda_alloc, cuda_peak_reserved=cuda_res, img_s=seen / secs, sec=secs)
+        history.append(row)
+        aux_s = " ".join("  -" if a is None else f"{a:3.0f}" for a in aux)
+        cuda_s = f"{cuda_alloc / MiB:8.0f}" if cuda_alloc is not None else f"{'-':>8}"
+        print(f"{epoch:>4} {lr:7.4f} {loss:7.4f} {train_acc:6.2f} {test_acc:6.2f} {best:6.2f} "
+              f"{act_peak / MiB:8.1f} {cuda_s} {seen / secs:7.0f} {secs:6.1f}  {aux_s}", flush=True)
+        if args.save:
+            atomic_save(dict(net=net.state_dict(), method=method.state_dict(), opt=opt.state_dict(),
+                             scaler=scaler.state_dict(), gen=gen.get_state(), cpu_rng=torch.get_rng_state(),
+                             epoch=epoch, best=best, history=history, args=vars(args)), args.save)
+
+    last = history[-1] if history else {}
+    result = dict(method=args.method, dataset=args.dataset, arch=args.arch, K=args.K, modules=K, seed=args.seed,
+                  epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=str(device),
+                  final_acc=last.get("test_acc"), best_acc=best, module_acc=last.get("aux_acc"),
+                  act_peak_bytes=max((h["act_peak_bytes"] for h in history), default=None),
+                  cuda_peak_alloc=last.get("cuda_peak_alloc"), cuda_peak_reserved=last.get("cuda_peak_reserved"),
+                  **state_bytes(params, opt),
+                  train_img_s=(train_seen / train_time) if train_time else None,
+                  wall_s=time.time() - t_start, history=[{k: h[k] for k in ("epoch", "loss", "train_acc",
+                                                                              "test_acc")} for h in history])
+    emit(result, args.out)
+    return result
+
+
+def bench(args, spec, net, method, opt, scaler, autocast, spec_t, params, device, gen):
+    """--bench N: warm-up, then N timed iterations; the meter runs on the warm-up iterations only, so the timing
+    excludes its hooks."""
+    warm = max(2, args.mem_iters)
+    loader = synthetic_loader(spec, args.batch_size, device, gen, warm + args.bench)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    meter = ActivationMeter(params)
+    net.train()
+    method.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = None
+    for it, (x, y) in enumerate(loader):
+        if it == warm:
+            sync()
+            t0 = time.time()
+        opt.zero_grad(set_to_none=True)
+        batch = Batch(x, y, *spec_t)
+        if it < args.mem_iters:
+            with meter:
+                forward_backward(net, method, batch, scaler, autocast)
+        else:
+            forward_backward(net, method, batch, scaler, autocast)
+        scaler.step(opt)
+        scaler.update()
+    sync()
+    secs = time.time() - t0
+    result = dict(bench=True, method=args.method, arch=args.arch, K=args.K, modules=net.K, batch=args.batch_size,
+                  dataset=args.dataset, image_size=spec.size, device=str(device),
+                  threads=torch.get_num_threads(), iters=args.bench, img_s=args.bench * args.batch_size / secs,
+                  act_peak_bytes=meter.peak, act_peak_mib=round(meter.peak / MiB, 2), **state_bytes(params, opt))
+    if device.type == "cuda":
+        result.update(cuda_peak_alloc=torch.cuda.max_memory_allocated(device),
+                      cuda_peak_reserved=torch.cuda.max_memory_reserved(device))
+    emit(result, args.out)
+    return result
+
+
+def emit(result, out):
+    line = json.dumps(result)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+def main(argv=None):
+    try:
+        return run(parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
