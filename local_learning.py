@@ -711,8 +711,9 @@ class LocalMethod(nn.Module):
     def default_K(args):
         return 16
 
-    def check(self, net, args):
-        """Raise UserError for combinations this method cannot run."""
+    @classmethod
+    def check(cls, net, args):
+        """Raise UserError for combinations this method cannot run (called before the aux nets are built)."""
 
     def make_aux(self, c, h, w, num_classes, args):
         raise NotImplementedError
@@ -737,7 +738,8 @@ class BP(LocalMethod):
     def default_K(args):
         return 1
 
-    def check(self, net, args):
+    @classmethod
+    def check(cls, net, args):
         if net.K != 1:
             raise UserError(f"--method bp trains end to end; use --K 1 (got --K {net.K})")
 
@@ -964,9 +966,8 @@ def resolve_config(args):
 def build(args, spec):
     ends = split_ends(args.arch, args.K, args.balanced_memory, spec.name)
     net = LocalNet(args.arch, spec.classes, ends, spec.size)
-    method = METHODS[args.method](net, args, spec.classes)
-    method.check(net, args)
-    return net, method
+    METHODS[args.method].check(net, args)
+    return net, METHODS[args.method](net, args, spec.classes)
 
 
 def print_splits(net, method):

@@ -1,0 +1,408 @@
+"""Tests for local_learning.py (CPU only, no network, no ../shared needed).
+
+Tiny datasets are written here in the real torchvision on-disk formats (CIFAR pickles, SVHN .mat, STL-10 .bin)
+and as an ImageFolder tree of PNGs. Numbers pinned below come from ../shared/specs/infopro_dgl_man.md.
+"""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import local_learning as L
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+n_params = lambda m: sum(p.numel() for p in m.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ tiny datasets
+
+def write_cifar10(root, n_train=48, n_test=24, seed=0):
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    xs, ys = [], []
+    for i, name in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
+        n = n_train // 5 if i < 5 else n_test
+        x = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+        y = rng.integers(0, 10, n).tolist()
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({"batch_label": name, "data": x, "labels": y, "filenames": [""] * n}, f)
+        xs.append(x.reshape(-1, 3, 32, 32))
+        ys.append(np.array(y))
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [str(i) for i in range(10)], "num_cases_per_batch": n_train // 5}, f)
+    return np.concatenate(xs[:5]), np.concatenate(ys[:5]), xs[5], ys[5]
+
+
+def write_svhn(root, n=20, seed=1):
+    from scipy.io import savemat
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split in ("train", "test"):
+        x = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+        y = rng.integers(0, 10, n)
+        stored = np.where(y == 0, 10, y).astype(np.uint8).reshape(-1, 1)     # SVHN stores digit 0 as 10
+        savemat(os.path.join(root, f"{split}_32x32.mat"), {"X": x.transpose(2, 3, 1, 0), "y": stored})
+        out[split] = (x, y)
+    return out
+
+
+def write_stl10(root, n=6, seed=2):
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "stl10_binary")
+    os.makedirs(folder, exist_ok=True)
+    out = {}
+    for split in ("train", "test"):
+        x = rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8)
+        y = rng.integers(0, 10, n)
+        x.transpose(0, 1, 3, 2).tofile(os.path.join(folder, f"{split}_X.bin"))     # column-major, as STL-10
+        (y + 1).astype(np.uint8).tofile(os.path.join(folder, f"{split}_y.bin"))     # labels 1..10
+        out[split] = (x, y)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("cifar"))
+    write_cifar10(root)
+    return root
+
+
+def train_args(cifar_dir, *extra):
+    return ["--dataset", "cifar10", "--data-dir", cifar_dir, "--no-download", "--batch-size", "16", "--subset", "32",
+            "--epochs", "1", "--mem-iters", "1", *extra]
+
+
+# ------------------------------------------------------------------------------------------------ backbone, splits
+
+def build(arch="resnet32", method="dgl", K=16, classes=10, size=32, extra=()):
+    args = L.parse_args(["--method", method, "--arch", arch, "--K", str(K), *extra])
+    ends = L.split_ends(arch, K, args.balanced_memory, "cifar10")
+    net = L.LocalNet(arch, classes, ends, size)
+    return net, L.METHODS[method](net, args, classes)
+
+
+def module_sizes(arch, K, balanced=False, dataset="cifar10"):
+    """Residual blocks per module (the stem is not a block)."""
+    ends = L.split_ends(arch, K, balanced, dataset)
+    starts = [0] + [e + 1 for e in ends[:-1]]
+    return [e + 1 - s - (s == 0) for s, e in zip(starts, ends)]
+
+
+def test_backbone_parameter_counts():
+    assert n_params(L.LocalNet("resnet32", 10, [15], 32)) == 466_906
+    assert n_params(L.LocalNet("resnet110", 10, [54], 32)) == 1_730_714
+    import torchvision
+    assert n_params(L.LocalNet("resnet50", 1000, [16], 64)) == n_params(torchvision.models.resnet50())
+
+
+def test_published_split_tables():
+    assert module_sizes("resnet32", 1) == [15]
+    assert module_sizes("resnet32", 2) == [7, 8]
+    assert module_sizes("resnet32", 3) == [5, 5, 5]
+    assert module_sizes("resnet32", 4) == [3, 4, 4, 4]
+    assert module_sizes("resnet32", 8) == [1, 2, 2, 2, 2, 2, 2, 2]
+    assert module_sizes("resnet32", 16) == [0] + [1] * 15          # InfoPro: the stem alone is module 0
+    assert module_sizes("resnet110", 2) == [27, 27]
+    assert module_sizes("resnet110", 3) == [18, 18, 18]
+    assert module_sizes("resnet110", 4) == [12, 14, 14, 14]
+    assert module_sizes("resnet110", 8) == [5, 7, 7, 7, 7, 7, 7, 7]
+    assert module_sizes("resnet110", 16) == [2] + [3] * 8 + [4] * 7
+    assert module_sizes("resnet110", 32) == [2, 1, 2, 1, 2, 2, 2, 2, 1, 2, 1] * 2 + [2, 2, 1, 2, 1, 2, 2, 2, 2, 2]
+    assert module_sizes("resnet110", 55) == [0] + [1] * 54
+    # InfoPro* balanced-memory tables
+    assert module_sizes("resnet110", 2, True, "cifar10") == [15, 39]
+    assert module_sizes("resnet110", 3, True, "cifar10") == [10, 11, 33]
+    assert module_sizes("resnet110", 4, True, "cifar10") == [7, 8, 12, 27]
+    assert module_sizes("resnet110", 3, True, "stl10") == [9, 11, 34]
+    # Boundary positions of one table, verbatim: ResNet-32 K=4 ends after L1.2, L2.1, L3.0.
+    net = L.LocalNet("resnet32", 10, L.split_ends("resnet32", 4), 32)
+    assert [L.unit_name("resnet32", e) for e in net.ends] == ["L1.2", "L2.1", "L3.0", "L3.4"]
+    assert net.boundary_shapes == [(16, 32, 32), (32, 16, 16), (64, 8, 8)]
+
+
+def test_even_split_and_impossible_K():
+    assert module_sizes("resnet20", 4) == [2, 2, 2, 3]               # 9 blocks, remainder to the last modules
+    assert module_sizes("resnet32", 5) == [3, 3, 3, 3, 3]
+    assert module_sizes("resnet20", 10) == [0] + [1] * 9             # K = blocks + 1: stem alone
+    with pytest.raises(L.UserError, match="impossible"):
+        L.split_ends("resnet32", 17)
+    with pytest.raises(L.UserError, match="balanced"):
+        L.split_ends("resnet32", 2, balanced=True, dataset="cifar10")
+
+
+def test_dgl_and_greedy_aux_parameter_counts():
+    # Spec (run-verified official module): 14,410 / 54,922 / 214,282, which includes an unused BatchNorm2d(C).
+    for (c, s), official in {(16, 32): 14_410, (32, 16): 54_922, (64, 8): 214_282}.items():
+        assert n_params(L.DGLAux(c, s, 10)) + 2 * c == official
+    assert [n_params(L.GreedyAux(c, 10)) for c in (16, 32, 64)] == [170, 330, 650]   # spec 0c1f + CE
+
+
+def test_init_is_he_fan_out():
+    torch.manual_seed(0)
+    net, method = build()
+    conv = net.units[15].conv2                                        # 64 -> 64, 3x3
+    assert abs(conv.weight.std().item() - (2 / (9 * 64)) ** 0.5) < 0.005
+    aux_conv = method.aux[0].convs[0]                                  # aux nets are initialised the same way
+    assert abs(aux_conv.weight.std().item() - (2 / 16) ** 0.5) < 0.05
+
+
+# ------------------------------------------------------------------------------------------------ training step
+
+def test_gradient_isolation():
+    """Module k's gradients are final once its own backward ran: later modules' losses add nothing to them."""
+    torch.manual_seed(0)
+    net, method = build(K=4)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    batch = L.Batch(x, y, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
+    owned = lambda k: [p for u in net.units[net.bounds[k][0]:net.bounds[k][1]] for p in u.parameters()] + \
+        (list(method.aux[k].parameters()) if k < net.K - 1 else list(net.fc.parameters()))
+    snap = {}
+
+    def done(k):
+        snap[k] = [p.grad.clone() for p in owned(k)]
+        for j in range(k + 1, net.K):                                  # nothing downstream has a gradient yet
+            assert all(p.grad is None for p in owned(j))
+
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    L.forward_backward(net, method, batch, scaler, torch.autocast("cpu", enabled=False), on_module_done=done)
+    for k in range(net.K):
+        grads = [p.grad for p in owned(k)]
+        assert all(g is not None for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
+        assert all(torch.equal(a, b) for a, b in zip(snap[k], grads))   # untouched by modules k+1..K-1
+
+
+def test_lr_schedule_matches_spec():
+    lr = lambda e: L.lr_at(e, 0.8, 160, 10)
+    assert lr(1) == pytest.approx(0.01)
+    assert lr(2) == pytest.approx(0.0890, abs=5e-4)
+    assert lr(10) == pytest.approx(0.714, abs=5e-4)
+    assert lr(11) == pytest.approx(0.791, abs=5e-4)
+    assert lr(160) == pytest.approx(0.0, abs=1e-12)                   # the originals' last epoch runs at lr 0
+
+
+@pytest.mark.parametrize("method", ["bp", "greedy", "dgl"])
+def test_train_and_eval_smoke(cifar_dir, method, tmp_path):
+    out = tmp_path / "r.jsonl"
+    r = L.main(train_args(cifar_dir, "--method", method, "--out", str(out)))
+    assert r["modules"] == (1 if method == "bp" else 16)
+    assert 0 <= r["final_acc"] <= 100 and r["act_peak_bytes"] > 0
+    assert len(r["module_acc"]) == r["modules"] - 1
+    assert json.loads(out.read_text().strip().splitlines()[-1])["method"] == method
+
+
+def test_same_seed_same_run(cifar_dir):
+    a = L.main(train_args(cifar_dir, "--epochs", "2", "--warmup-epochs", "0"))
+    b = L.main(train_args(cifar_dir, "--epochs", "2", "--warmup-epochs", "0"))
+    assert a["history"] == b["history"] and a["module_acc"] == b["module_acc"]
+    c = L.main(train_args(cifar_dir, "--epochs", "2", "--warmup-epochs", "0", "--seed", "1"))
+    assert c["history"] != a["history"]
+
+
+def test_resume_equals_uninterrupted(cifar_dir, tmp_path, monkeypatch):
+    full = L.main(train_args(cifar_dir, "--epochs", "3", "--warmup-epochs", "1", "--save", str(tmp_path / "a.pt")))
+    ck = str(tmp_path / "b.pt")
+    real = L.train_epoch
+
+    def crash_at_epoch_3(*a, **k):
+        if a[-2] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(L, "train_epoch", crash_at_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        L.main(train_args(cifar_dir, "--epochs", "3", "--warmup-epochs", "1", "--save", ck))
+    monkeypatch.setattr(L, "train_epoch", real)
+    assert torch.load(ck, weights_only=False)["epoch"] == 2
+    resumed = L.main(train_args(cifar_dir, "--epochs", "3", "--warmup-epochs", "1", "--resume", ck, "--save", ck))
+    assert resumed["history"] == full["history"]
+    a, b = torch.load(str(tmp_path / "a.pt"), weights_only=False), torch.load(ck, weights_only=False)
+    assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+
+
+# ------------------------------------------------------------------------------------------------ memory meter
+
+def saved_bytes_from_graph(loss, params):
+    """Independent count: walk the autograd graph and add up every distinct storage it saved for backward."""
+    exclude = {p.untyped_storage().data_ptr() for p in params}
+    seen, stack, visited = {}, [loss.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in visited:
+            continue
+        visited.add(fn)
+        for name in dir(fn):
+            if name.startswith("_saved_"):
+                v = getattr(fn, name)
+                for t in (v if isinstance(v, (tuple, list)) else [v]):
+                    if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in exclude:
+                        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        stack.extend(f for f, _ in fn.next_functions)
+    return sum(seen.values())
+
+
+def test_meter_matches_independent_count():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 10))
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    expected = saved_bytes_from_graph(F.cross_entropy(net(x), y), net.parameters())
+    meter = L.ActivationMeter(net.parameters())
+    with meter:
+        loss = F.cross_entropy(net(x), y)
+    assert meter.current == meter.peak > 0
+    loss.backward()
+    assert meter.current == 0                                        # everything released after backward
+    assert abs(meter.peak - expected) <= 0.1 * expected
+    assert meter.peak >= 3 * 16 * 8 * 16 * 16 * 4                    # at least the three 8x16x16 feature maps
+
+
+def test_dgl_K16_activation_peak_below_quarter_of_bp():
+    peaks = {}
+    for method, K in (("bp", 1), ("dgl", 16)):
+        torch.manual_seed(0)
+        net, m = build(method=method, K=K)
+        batch = L.Batch(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)), torch.zeros(1, 3, 1, 1),
+                        torch.ones(1, 3, 1, 1))
+        meter = L.ActivationMeter(list(net.parameters()) + list(m.parameters()))
+        with meter:
+            L.forward_backward(net, m, batch, torch.amp.GradScaler("cpu", enabled=False),
+                               torch.autocast("cpu", enabled=False))
+        peaks[method] = meter.peak
+    assert peaks["dgl"] < 0.25 * peaks["bp"]
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def test_cifar10_loader_reads_real_format(tmp_path):
+    xtr, ytr, xte, yte = write_cifar10(str(tmp_path))
+    (a, b), (c, d) = L.load_torchvision("cifar10", str(tmp_path), allow_download=False)
+    assert a.shape == (len(ytr), 3, 32, 32) and a.dtype == np.uint8
+    assert np.array_equal(a, xtr) and np.array_equal(b, ytr) and np.array_equal(c, xte) and np.array_equal(d, yte)
+
+
+def test_svhn_loader_reads_real_format(tmp_path):
+    ref = write_svhn(str(tmp_path))
+    (a, b), (c, d) = L.load_torchvision("svhn", str(tmp_path), allow_download=False)
+    assert np.array_equal(a, ref["train"][0]) and np.array_equal(b, ref["train"][1])
+    assert np.array_equal(c, ref["test"][0]) and np.array_equal(d, ref["test"][1])
+    assert b.min() >= 0 and b.max() <= 9                             # label 10 mapped to digit 0
+
+
+def test_stl10_loader_reads_real_format(tmp_path):
+    ref = write_stl10(str(tmp_path))
+    (a, b), (c, d) = L.load_torchvision("stl10", str(tmp_path), allow_download=False)
+    assert a.shape == (6, 3, 96, 96)
+    assert np.array_equal(a, ref["train"][0]) and np.array_equal(b, ref["train"][1])
+    assert np.array_equal(c, ref["test"][0]) and np.array_equal(d, ref["test"][1])
+    assert L.DATASETS["stl10"].classes == 10                          # the originals' 100-class bug, fixed
+
+
+def test_image_folder_loader(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, classes in (("train", ["cat", "dog", "eel"]), ("val", ["dog", "eel"])):
+        for c in classes:
+            os.makedirs(tmp_path / split / c)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    args = L.parse_args(["--dataset", "folder", "--data-dir", str(tmp_path)])
+    spec = L.resolve_config(args)
+    assert (spec.classes, spec.size, args.norm, spec.pad_mode) == (3, 32, "cifar10", "reflect")
+    tr, te = L.load_data(args, spec, torch.device("cpu"), torch.Generator())
+    assert tr.images.shape == (6, 3, 32, 32) and tr.images.dtype == torch.uint8
+    assert sorted(te.labels.tolist()) == [1, 1, 2, 2]                 # val labels follow train's class order
+    x, y = next(iter(te))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+
+
+def _crops(img, pad):
+    """All (2p+1)^2 zero-padded crops of one CHW image."""
+    p = F.pad(img, (pad,) * 4)
+    H = img.shape[1]
+    return [p[:, i:i + H, j:j + H] for i in range(2 * pad + 1) for j in range(2 * pad + 1)]
+
+
+@pytest.mark.parametrize("name", ["svhn", "stl10", "cifar10"])
+def test_augmentation_shapes_ranges_and_flips(name):
+    spec = L.DATASETS[name]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (32, 3, spec.size, spec.size)).float() / 255
+    out = L.augment(x, spec, g)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    if spec.pad_mode == "reflect":
+        return
+    flipped = 0
+    for i in range(len(x)):
+        plain = any(torch.equal(out[i], c) for c in _crops(x[i], spec.pad))
+        mirrored = any(torch.equal(out[i], c) for c in _crops(x[i].flip(2), spec.pad))
+        assert plain or mirrored
+        flipped += mirrored and not plain
+    if spec.flip:
+        assert 4 <= flipped <= 28
+    else:
+        assert flipped == 0                                           # SVHN is never flipped
+
+
+def test_device_loader_normalises_and_covers_epoch():
+    spec = L.DATASETS["cifar10"]
+    imgs = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
+    loader = L.DeviceLoader(imgs, torch.arange(50), spec, 16, True, True, torch.Generator().manual_seed(0))
+    ys = torch.cat([y for _, y in loader])
+    assert sorted(ys.tolist()) == list(range(50)) and len(loader) == 4
+    lo = (0 - torch.tensor(spec.mean)) / torch.tensor(spec.std)
+    hi = (1 - torch.tensor(spec.mean)) / torch.tensor(spec.std)
+    for x, _ in loader:
+        assert (x.amin((0, 2, 3)) >= lo - 1e-5).all() and (x.amax((0, 2, 3)) <= hi + 1e-5).all()
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def test_bench_and_print_splits(capsys):
+    r = L.main(["--method", "dgl", "--bench", "1", "--batch-size", "8", "--mem-iters", "1"])
+    assert r["img_s"] > 0 and r["act_peak_bytes"] > 0 and r["modules"] == 16
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bench"] is True
+    L.main(["--method", "dgl", "--arch", "resnet110", "--K", "55", "--print-splits"])
+    out = capsys.readouterr().out
+    assert "55 module(s)" in out and "1,730,714" in out and "64x8x8" in out
+
+
+def cli(*argv, cwd=None):
+    return subprocess.run([sys.executable, os.path.join(HERE, "local_learning.py"), *argv], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "nope"], "invalid choice: 'nope'"),
+    (["--arch", "resnet32", "--K", "17"], "impossible"),
+    (["--method", "bp", "--K", "4"], "end to end"),
+    (["--balanced-memory", "--K", "2"], "balanced"),
+    (["--dataset", "cifar10", "--data-dir", "EMPTY", "--no-download"], "data_batch_1"),
+    (["--dataset", "svhn", "--data-dir", "EMPTY", "--no-download"], "train_32x32.mat"),
+    (["--dataset", "stl10", "--data-dir", "EMPTY", "--no-download"], "train_X.bin"),
+    (["--dataset", "folder", "--data-dir", "EMPTY"], "train"),
+    (["--amp", "bf16", "--device", "cpu"], "CUDA"),
+])
+def test_bad_input_one_line_nonzero_exit(argv, message, tmp_path):
+    argv = [str(tmp_path) if a == "EMPTY" else a for a in argv]
+    r = cli(*argv, "--epochs", "1", "--print-splits" if "--data-dir" not in argv else "--subset=8")
+    assert r.returncode == 2
+    err = r.stderr.strip()
+    assert err.startswith("error:") and "\n" not in err and message in err, err
+    if "EMPTY" in argv or str(tmp_path) in argv:
+        assert str(tmp_path) in err                                   # names the folder to put the files in
+
+
+def test_nan_loss_is_one_line_error(cifar_dir):
+    r = cli(*train_args(cifar_dir, "--method", "greedy", "--epochs", "2", "--warmup-epochs", "0", "--lr", "1e30"))
+    assert r.returncode == 2
+    err = r.stderr.strip()
+    assert err.startswith("error: training loss became") and "\n" not in err, err
