@@ -111,7 +111,8 @@ def build_parser():
     a("--resume", default=None, help="checkpoint to resume from (same command line otherwise)")
     a("--out", default=None, help="append the final JSON line to this file (e.g. results.jsonl)")
     for cls in METHODS.values():
-        cls.add_args(p)
+        if "add_args" in cls.__dict__:  # flags shared by a method family are declared once, by its base
+            cls.add_args(p)
     return p
 
 
@@ -587,7 +588,7 @@ class LocalNet(nn.Module):
                 units.append(block(cin, w, s if b == 0 else 1))
                 cin = w * block.expansion
         self.arch, self.units, self.fc = arch, nn.ModuleList(units), nn.Linear(cin, num_classes)
-        self.ends = list(ends)
+        self.ends, self.image_size = list(ends), image_size
         self.bounds = [(0 if k == 0 else self.ends[k - 1] + 1, e + 1) for k, e in enumerate(self.ends)]
         self.K = len(self.ends)
         init_weights(self)
@@ -661,6 +662,71 @@ class DGLAux(nn.Module):
         return self.mlp(torch.flatten(F.adaptive_avg_pool2d(h, 2), 1))
 
 
+class Decoder(nn.Module):
+    """InfoPro's reconstruction decoder, the estimator of I(h; x) (Wang et al., ICLR 2021):
+
+        bilinear resize of h to the full S x S input (align_corners=True) -> conv3x3 C -> 12w (bias) -> BN -> ReLU
+        -> conv3x3 12w -> 3 (bias) -> sigmoid,   loss = BCE(decoded, x in [0,1])
+
+    It returns the pre-sigmoid map; `binary_cross_entropy_with_logits` on it is the same loss as sigmoid + BCE,
+    computed stably and allowed under autocast (plain BCE is not). Parameters (w = 1): C=16 2,091; C=32 3,819;
+    C=64 7,275."""
+
+    def __init__(self, c, size, widen=1.0):
+        super().__init__()
+        hid = int(12 * widen)
+        self.size = size
+        self.net = nn.Sequential(nn.Conv2d(c, hid, 3, 1, 1), nn.BatchNorm2d(hid), nn.ReLU(inplace=True),
+                                 nn.Conv2d(hid, 3, 3, 1, 1))
+
+    def forward(self, h):
+        return self.net(F.interpolate(h, size=(self.size, self.size), mode="bilinear", align_corners=True))
+
+
+class AuxClassifier(nn.Module):
+    """InfoPro's auxiliary head, the estimator of I(h; y); `config` = "<convs>c<linears>f" (spec section 2.2).
+
+        convs: first conv3x3 C -> C1 (C=16: 32w, stride 2; C=32: 64w, stride 2; C=64: 64w, stride 1; in general
+               C < 64 doubles the width at stride 2), BN, ReLU; a second conv (2c) is C1 -> C1, stride 1
+        then GAP -> linears: 1f Linear(-> O); 2f Linear(-> Dw), ReLU, Linear(-> O); 3f adds Linear(Dw -> Dw), ReLU
+        O = D (contrast: a D-dim embedding for SupCon) or the number of classes (cross_entropy)."""
+    CONFIGS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")
+
+    def __init__(self, c, config, loss_mode, num_classes, widen=1.0, feature_dim=128):
+        super().__init__()
+        n_conv, n_fc = int(config[0]), int(config[2])
+        c1, stride = (int(2 * c * widen), 2) if c < 64 else (int(c * widen), 1)
+        layers, cin = [], c
+        for i in range(n_conv):
+            layers += [nn.Conv2d(cin, c1, 3, stride if i == 0 else 1, 1, bias=False), nn.BatchNorm2d(c1),
+                       nn.ReLU(inplace=True)]
+            cin = c1
+        self.convs = nn.Sequential(*layers)
+        out, hid, fcs = feature_dim if loss_mode == "contrast" else num_classes, int(feature_dim * widen), []
+        for i in range(n_fc - 1):
+            fcs += [nn.Linear(cin if i == 0 else hid, hid), nn.ReLU(inplace=True)]
+        fcs.append(nn.Linear(cin if n_fc == 1 else hid, out))
+        self.fc = nn.Sequential(*fcs)
+
+    def forward(self, h):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.convs(h), 1), 1))
+
+
+def supcon_loss(z, y, temperature=0.07):
+    """Supervised contrastive loss (Khosla et al. 2020), single view, as InfoPro's `contrast` mode:
+
+        l_i = -1/|P(i)| sum_{p in P(i)} [ s_ip - log sum_{a != i} exp(s_ia) ],  s_ij = <z_i, z_j> / tau,  z L2-normed
+        P(i) = {p != i : y_p = y_i};  |P(i)| = 0 counts as 1 (the anchor adds 0 but stays in the mean over B).
+    tau = base temperature = 0.07, so the tau/tau_base factor is 1. Computed in fp32."""
+    z = F.normalize(z.float(), dim=1)
+    s = z @ z.t() / temperature
+    s = s - s.max(1, keepdim=True).values.detach()            # stability only: cancels in the loss
+    eye = torch.eye(len(y), dtype=torch.bool, device=z.device)
+    pos = (y[:, None] == y[None, :]) & ~eye
+    log_prob = s - torch.logsumexp(s.masked_fill(eye, float("-inf")), 1, keepdim=True)
+    return -((log_prob * pos).sum(1) / pos.sum(1).clamp(min=1)).mean()
+
+
 # =============================================================================================================
 # 5. Methods
 # =============================================================================================================
@@ -700,6 +766,7 @@ class LocalMethod(nn.Module):
 
     def __init__(self, net, args, num_classes):
         super().__init__()
+        self.image_size = net.image_size
         self.aux = nn.ModuleList([self.make_aux(c, h, w, num_classes, args) for c, h, w in net.boundary_shapes])
         init_weights(self)
 
@@ -717,6 +784,10 @@ class LocalMethod(nn.Module):
 
     def make_aux(self, c, h, w, num_classes, args):
         raise NotImplementedError
+
+    def summary(self):
+        """One line printed with the config (e.g. resolved loss weights)."""
+        return ""
 
     def aux_input(self, k, h):
         return h
@@ -767,6 +838,114 @@ class DGL(LocalMethod):
 
     def make_aux(self, c, h, w, num_classes, args):
         return DGLAux(c, h, num_classes)
+
+
+# (ixx_1, ixy_1, ixx_2, ixy_2) of the InfoPro repository's published commands (comand.sh; spec section 2.5),
+# keyed by (dataset, arch, K, balanced). All use --aux-config 1c2f, contrast, feature dim 128.
+INFOPRO_LAMBDAS = {
+    ("cifar10", "resnet32", 2, False): (5, 1, 0, 0), ("cifar10", "resnet32", 4, False): (6, 0, 1, 2),
+    ("cifar10", "resnet32", 8, False): (5, 0, 0, 2), ("cifar10", "resnet32", 16, False): (5, 0.05, 0.2, 0.5),
+    ("cifar10", "resnet110", 2, False): (5, 0.5, 0, 0), ("cifar10", "resnet110", 4, False): (1, 0, 0, 1),
+    ("cifar10", "resnet110", 8, False): (5, 0, 0, 1), ("cifar10", "resnet110", 16, False): (5, 0, 0.5, 1),
+    ("cifar10", "resnet110", 2, True): (5, 0.1, 0, 0), ("cifar10", "resnet110", 3, True): (5, 0, 5, 0.1),
+    ("cifar10", "resnet110", 4, True): (5, 0, 5, 0.1),
+    ("stl10", "resnet110", 2, False): (10, 1, 0, 0), ("stl10", "resnet110", 4, False): (20, 0.2, 5, 2),
+    ("stl10", "resnet110", 8, False): (20, 0.2, 5, 1), ("stl10", "resnet110", 16, False): (20, 0.5, 10, 0.1),
+    ("stl10", "resnet110", 2, True): (20, 1, 0, 0), ("stl10", "resnet110", 3, True): (20, 0.5, 5, 2),
+    ("stl10", "resnet110", 4, True): (20, 0.5, 10, 1),
+    ("svhn", "resnet110", 2, False): (1, 0.1, 0, 0), ("svhn", "resnet110", 4, False): (5, 0, 0.5, 1),
+    ("svhn", "resnet110", 8, False): (5, 0, 0.5, 2), ("svhn", "resnet110", 16, False): (5, 0.2, 0.5, 1),
+}
+
+
+def published_lambdas(dataset, arch, K, balanced):
+    """The published (ixx_1, ixy_1, ixx_2, ixy_2) for this setting, else a documented stand-in:
+    the CIFAR-10 command of the same arch and K, else CIFAR-10 ResNet-110's command with the nearest K.
+    Returns (values, where they came from)."""
+    key = (dataset, arch, K, balanced)
+    if key in INFOPRO_LAMBDAS:
+        return INFOPRO_LAMBDAS[key], f"published ({dataset}, {arch}, K={K}{', InfoPro*' if balanced else ''})"
+    if ("cifar10", arch, K, balanced) in INFOPRO_LAMBDAS:
+        return INFOPRO_LAMBDAS[("cifar10", arch, K, balanced)], f"not published for {dataset}; CIFAR-10's {arch} K={K}"
+    near = min((k for d, a, k, b in INFOPRO_LAMBDAS if (d, a, b) == ("cifar10", "resnet110", False)),
+               key=lambda k: (abs(k - K), k))
+    return INFOPRO_LAMBDAS[("cifar10", "resnet110", near, False)], \
+        f"not published for {dataset}/{arch}/K={K}; CIFAR-10 ResNet-110 K={near}'s"
+
+
+@register
+class InfoPro(LocalMethod):
+    """InfoPro (Wang, Ni, Song, Yang, Huang: "Revisiting Locally Supervised Learning: an Alternative to End-to-end
+    Training", ICLR 2021), faithful to the official code (blackfeather-wang/InfoPro-Pytorch).
+
+    Module k's local loss is a surrogate of  lambda_1 I(h_k; x) - lambda_2 I(h_k; y)  (the information-propagation
+    loss): keep all the information about the input that later modules may need, while becoming discriminative:
+
+        L_k = l1_k * BCE(Decoder_k(h_k), x01) + l2_k * { SupCon(Head_k(h_k), y)  (contrast)  |  CE (cross_entropy) }
+        r_k = k / (K-2)  (0 if K = 2);   l1_k = ixx_1 (1 - r_k) + ixx_2 r_k;   l2_k = ixy_1 (1 - r_k) + ixy_2 r_k
+
+    over the local modules k = 0..K-2, so module 0 uses (ixx_1, ixy_1) and module K-2 (ixx_2, ixy_2). Defaults:
+    head 1c2f, contrast (tau 0.07), feature dim 128, widen 1, lambdas from the published commands (printed).
+    InfoPro* = --balanced-memory (its split tables). A term whose weight is 0 is skipped: same gradients, less work."""
+    name = "infopro"
+
+    @staticmethod
+    def add_args(p):
+        p.add_argument("--aux-config", default=None, choices=AuxClassifier.CONFIGS,
+                       help="InfoPro-family aux head (default 1c2f; MAN: 2c2f); <n>c<m>f = n convs, m linears")
+        p.add_argument("--aux-widen", type=float, default=1.0, help="width multiplier of decoder and aux head")
+        p.add_argument("--aux-feature-dim", type=int, default=128, help="hidden/embedding width D of the aux head")
+        p.add_argument("--local-loss", default=None, choices=["contrast", "cross_entropy"],
+                       help="InfoPro task term: supervised contrastive (default) or softmax cross-entropy")
+        for n in ("ixx-1", "ixy-1", "ixx-2", "ixy-2"):
+            p.add_argument(f"--{n}", type=float, default=None,
+                           help=f"InfoPro loss weight {n} (reconstruction ixx / task ixy at the first (_1) and the "
+                                f"last (_2) local module); default: the published value for this setting")
+
+    defaults = dict(aux_config="1c2f", local_loss="contrast")
+
+    def __init__(self, net, args, num_classes):
+        for k, v in self.defaults.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+        if args.aux_feature_dim < 1:
+            raise UserError("--aux-feature-dim must be >= 1 (the original's default 0 builds a broken head)")
+        super().__init__(net, args, num_classes)
+        self.contrast = args.local_loss == "contrast"
+        given = [getattr(args, n) for n in ("ixx_1", "ixy_1", "ixx_2", "ixy_2")]
+        pub, src = published_lambdas(args.dataset, args.arch, net.K, args.balanced_memory)
+        self.lambdas_all = tuple(pub[i] if v is None else v for i, v in enumerate(given))
+        self.lambda_source = src if all(v is None for v in given) else "command line" + \
+            ("" if all(v is not None for v in given) else f" (missing ones: {src})")
+        self.weights = self.loss_weights(net)
+
+    def loss_weights(self, net):
+        ixx1, ixy1, ixx2, ixy2 = self.lambdas_all
+        n = net.K - 1
+        r = [k / (n - 1) if n > 1 else 0.0 for k in range(n)]
+        return [(ixx1 * (1 - t) + ixx2 * t, ixy1 * (1 - t) + ixy2 * t) for t in r]
+
+    def summary(self):
+        w = ", ".join(f"({a:g},{b:g})" for a, b in self.weights)
+        return f"lambdas {self.lambdas_all} [{self.lambda_source}] per module (l1,l2): {w}"
+
+    def make_aux(self, c, h, w, num_classes, args):
+        return nn.ModuleDict(dict(decoder=Decoder(c, self.image_size, args.aux_widen),
+                                  head=AuxClassifier(c, args.aux_config, args.local_loss, num_classes,
+                                                     args.aux_widen, args.aux_feature_dim)))
+
+    def local_loss(self, k, z, batch):
+        l1, l2 = self.weights[k]
+        loss, logits = z.new_zeros(()).float(), None
+        if l1:
+            loss = loss + l1 * F.binary_cross_entropy_with_logits(self.aux[k]["decoder"](z).float(), batch.x01())
+        if l2:
+            out = self.aux[k]["head"](z)
+            if self.contrast:
+                loss = loss + l2 * supcon_loss(out, batch.y)
+            else:
+                loss, logits = loss + l2 * F.cross_entropy(out.float(), batch.y), out
+        return loss, logits
 
 
 # =============================================================================================================
@@ -1026,6 +1205,8 @@ def run(args):
                params_backbone=sum(p.numel() for p in net.parameters()),
                params_aux=sum(p.numel() for p in method.parameters()))
     print("config: " + " ".join(f"{k}={v}" for k, v in cfg.items()), flush=True)
+    if method.summary():
+        print(f"{args.method}: {method.summary()}", flush=True)
 
     start_epoch, best, history = 1, 0.0, []
     if args.resume:

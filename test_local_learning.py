@@ -406,3 +406,90 @@ def test_nan_loss_is_one_line_error(cifar_dir):
     assert r.returncode == 2
     err = r.stderr.strip()
     assert err.startswith("error: training loss became") and "\n" not in err, err
+
+
+# ------------------------------------------------------------------------------------------------ InfoPro
+
+AUX_PARAMS = {  # spec section 2.2 (run-verified official AuxClassifier), inplanes 16 / 32 / 64, w=1, D=128
+    "0c1f": ((2_176, 4_224, 8_320), (170, 330, 650)),
+    "0c2f": ((18_688, 20_736, 24_832), (3_466, 5_514, 9_610)),
+    "1c1f": ((8_896, 26_880, 45_312), (5_002, 19_210, 37_642)),
+    "1c2f": ((25_408, 43_392, 61_824), (10_186, 28_170, 46_602)),
+    "1c3f": ((41_920, 59_904, 78_336), (26_698, 44_682, 63_114)),
+    "2c2f": ((34_688, 80_384, 98_816), (19_466, 65_162, 83_594)),
+}
+
+
+@pytest.mark.parametrize("config", sorted(AUX_PARAMS))
+def test_infopro_aux_head_parameter_counts(config):
+    for mode, counts in zip(("contrast", "cross_entropy"), AUX_PARAMS[config]):
+        got = tuple(n_params(L.AuxClassifier(c, config, mode, 10, 1.0, 128)) for c in (16, 32, 64))
+        assert got == counts, (config, mode)
+
+
+def test_infopro_decoder_parameter_counts():
+    assert [n_params(L.Decoder(c, 32)) for c in (16, 32, 64)] == [2_091, 3_819, 7_275]
+
+
+@pytest.mark.parametrize("arch, K, total", [("resnet32", 2, 47_211), ("resnet32", 4, 143_809),
+                                            ("resnet32", 8, 315_117), ("resnet32", 16, 677_445),
+                                            ("resnet110", 8, 334_829), ("resnet110", 16, 677_445)])
+def test_infopro_total_aux_parameters(arch, K, total):
+    _, method = build(arch=arch, method="infopro", K=K)
+    assert n_params(method) == total
+
+
+def test_supcon_matches_loop_definition():
+    torch.manual_seed(0)
+    z, y = torch.randn(7, 5), torch.tensor([0, 1, 0, 2, 1, 0, 3])          # classes 2 and 3 have one sample
+    zn, tau, total = F.normalize(z, dim=1), 0.07, 0.0
+    for i in range(7):
+        s = [float(zn[i] @ zn[j]) / tau for j in range(7)]
+        log_den = np.log(sum(np.exp(s[a]) for a in range(7) if a != i))
+        P = [p for p in range(7) if p != i and y[p] == y[i]]
+        total += -sum(s[p] - log_den for p in P) / max(len(P), 1)
+    assert L.supcon_loss(z, y).item() == pytest.approx(total / 7, rel=1e-5)
+
+
+def test_infopro_lambda_schedule_and_published_values():
+    args = L.parse_args(["--method", "infopro", "--K", "4"])
+    net = L.LocalNet("resnet32", 10, L.split_ends("resnet32", 4), 32)
+    m = L.InfoPro(net, args, 10)
+    assert m.lambdas_all == (6, 0, 1, 2) and "published" in m.lambda_source
+    assert m.weights == [(6, 0), (3.5, 1), (1, 2)]                         # spec's worked example
+    _, m = build(method="infopro", K=2)
+    assert m.weights == [(5, 1)]
+    _, m = build(arch="resnet110", method="infopro", K=55)
+    assert m.lambdas_all == (5, 0, 0.5, 1) and "not published" in m.lambda_source
+    _, m = build(method="infopro", K=16, extra=("--ixx-1", "1", "--ixy-1", "2", "--ixx-2", "3", "--ixy-2", "4"))
+    assert m.weights[0] == (1, 2) and m.weights[-1] == (3, 4) and m.lambda_source == "command line"
+
+
+def test_infopro_local_loss_is_weighted_sum():
+    torch.manual_seed(0)
+    net, m = build(method="infopro", K=4, extra=("--local-loss", "cross_entropy"))
+    h = torch.randn(6, 32, 16, 16)                                         # module 1 ends after L2.1
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    mean, std = torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25)
+    batch = L.Batch(x, y, mean, std)
+    loss, logits = m.local_loss(1, h, batch)
+    l1, l2 = m.weights[1]
+    dec = torch.sigmoid(m.aux[1]["decoder"](h))
+    ref = l1 * F.binary_cross_entropy(dec, (x * std + mean).clamp(0, 1)) + l2 * F.cross_entropy(logits, y)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["contrast", "cross_entropy"])
+def test_infopro_smoke(cifar_dir, mode):
+    r = L.main(train_args(cifar_dir, "--method", "infopro", "--local-loss", mode))
+    assert r["modules"] == 16 and 0 <= r["final_acc"] <= 100
+    assert (r["module_acc"][0] is None) == (mode == "contrast")
+
+
+def test_infopro_balanced_splits_only_where_published():
+    net, m = build(arch="resnet110", method="infopro", K=3, extra=("--balanced-memory",))
+    assert m.lambdas_all == (5, 0, 5, 0.1)
+    with pytest.raises(L.UserError, match="balanced"):
+        L.split_ends("resnet110", 8, True, "cifar10")
+    with pytest.raises(L.UserError, match="balanced"):
+        L.split_ends("resnet110", 2, True, "svhn")
