@@ -39,6 +39,7 @@ Sections, in reading order: config -> data -> backbone & splits -> auxiliary net
 -> training step -> evaluation -> main.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -87,6 +88,8 @@ def build_parser():
     a("--no-augment", action="store_true", help="disable training augmentation (crop/flip)")
     a("--arch", default="resnet32", choices=sorted(ARCHS, key=lambda s: (ARCHS[s][0], int(s[6:]))),
       help="backbone: CIFAR ResNets resnet20/32/44/56/110 or torchvision-style ImageNet ResNets")
+    a("--base", default=None,
+      help="base method of an add-on: --method man|mlaan --base infopro|dgl (default infopro), see each add-on")
     a("--K", type=int, default=None, help="number of gradient-isolated modules (default: 1 for bp, else 16)")
     a("--balanced-memory", action="store_true",
       help="InfoPro* split tables (ResNet-110 on cifar10/stl10, K=2,3,4): fewer blocks in early modules")
@@ -546,15 +549,20 @@ def split_ends(arch, K, balanced=False, dataset=""):
     return [unit(s, b) for s, b in bounds] + [B]
 
 
-def unit_name(arch, i):
+def unit_position(arch, i):
+    """Unit index -> (stage, block): 0 -> (0, 0) the stem; 1 -> (1, 0) the first block of stage 1; ..."""
     if i == 0:
-        return "stem"
-    blocks = ARCHS[arch][2]
-    s = 0
+        return 0, 0
+    blocks, s = ARCHS[arch][2], 0
     while i > blocks[s]:
         i -= blocks[s]
         s += 1
-    return f"L{s + 1}.{i - 1}"
+    return s + 1, i - 1
+
+
+def unit_name(arch, i):
+    s, b = unit_position(arch, i)
+    return "stem" if s == 0 else f"L{s}.{b}"
 
 
 def init_weights(module):
@@ -764,10 +772,11 @@ class LocalMethod(nn.Module):
     name = ""
     needs_input_grad = False
 
-    def __init__(self, net, args, num_classes):
+    def __init__(self, net, args, num_classes, shapes=None):
         super().__init__()
         self.image_size = net.image_size
-        self.aux = nn.ModuleList([self.make_aux(c, h, w, num_classes, args) for c, h, w in net.boundary_shapes])
+        self.aux_shapes = net.boundary_shapes if shapes is None else shapes   # add-ons pass what their aux reads
+        self.aux = nn.ModuleList([self.make_aux(c, h, w, num_classes, args) for c, h, w in self.aux_shapes])
         init_weights(self)
 
     @staticmethod
@@ -782,12 +791,24 @@ class LocalMethod(nn.Module):
     def check(cls, net, args):
         """Raise UserError for combinations this method cannot run (called before the aux nets are built)."""
 
+    @classmethod
+    def adjust_ends(cls, ends, args):
+        """Hook to change the split a method really builds (MAN merges a stem-alone module into module 1)."""
+        return ends
+
     def make_aux(self, c, h, w, num_classes, args):
         raise NotImplementedError
 
     def summary(self):
         """One line printed with the config (e.g. resolved loss weights)."""
         return ""
+
+    def aux_parts(self, k):
+        """Everything attached to local module k (for --print-splits)."""
+        return [self.aux[k]]
+
+    def aux_shape(self, k):
+        return self.aux_shapes[k]
 
     def aux_input(self, k, h):
         return h
@@ -858,6 +879,12 @@ INFOPRO_LAMBDAS = {
 }
 
 
+def interpolate_lambdas(lambdas, r):
+    """(l1, l2) per local module from (ixx_1, ixy_1, ixx_2, ixy_2) and each module's position r in [0, 1]."""
+    ixx1, ixy1, ixx2, ixy2 = lambdas
+    return [(ixx1 * (1 - t) + ixx2 * t, ixy1 * (1 - t) + ixy2 * t) for t in r]
+
+
 def published_lambdas(dataset, arch, K, balanced):
     """The published (ixx_1, ixy_1, ixx_2, ixy_2) for this setting, else a documented stand-in:
     the CIFAR-10 command of the same arch and K, else CIFAR-10 ResNet-110's command with the nearest K.
@@ -904,26 +931,24 @@ class InfoPro(LocalMethod):
 
     defaults = dict(aux_config="1c2f", local_loss="contrast")
 
-    def __init__(self, net, args, num_classes):
+    def __init__(self, net, args, num_classes, shapes=None):
         for k, v in self.defaults.items():
             if getattr(args, k) is None:
                 setattr(args, k, v)
         if args.aux_feature_dim < 1:
             raise UserError("--aux-feature-dim must be >= 1 (the original's default 0 builds a broken head)")
-        super().__init__(net, args, num_classes)
+        super().__init__(net, args, num_classes, shapes)
         self.contrast = args.local_loss == "contrast"
-        given = [getattr(args, n) for n in ("ixx_1", "ixy_1", "ixx_2", "ixy_2")]
-        pub, src = published_lambdas(args.dataset, args.arch, net.K, args.balanced_memory)
-        self.lambdas_all = tuple(pub[i] if v is None else v for i, v in enumerate(given))
-        self.lambda_source = src if all(v is None for v in given) else "command line" + \
-            ("" if all(v is not None for v in given) else f" (missing ones: {src})")
-        self.weights = self.loss_weights(net)
+        self.set_lambdas(args, *published_lambdas(args.dataset, args.arch, net.K, args.balanced_memory))
+        n = net.K - 1                                      # local modules k = 0..K-2: r_k = k / (K-2)
+        self.weights = interpolate_lambdas(self.lambdas_all, [k / (n - 1) if n > 1 else 0.0 for k in range(n)])
 
-    def loss_weights(self, net):
-        ixx1, ixy1, ixx2, ixy2 = self.lambdas_all
-        n = net.K - 1
-        r = [k / (n - 1) if n > 1 else 0.0 for k in range(n)]
-        return [(ixx1 * (1 - t) + ixx2 * t, ixy1 * (1 - t) + ixy2 * t) for t in r]
+    def set_lambdas(self, args, defaults, source):
+        """(ixx_1, ixy_1, ixx_2, ixy_2): the flags given on the command line, the rest from `defaults`."""
+        given = [getattr(args, n) for n in ("ixx_1", "ixy_1", "ixx_2", "ixy_2")]
+        self.lambdas_all = tuple(d if v is None else v for v, d in zip(given, defaults))
+        self.lambda_source = source if all(v is None for v in given) else "command line" + \
+            ("" if all(v is not None for v in given) else f" (the others: {source})")
 
     def summary(self):
         w = ", ".join(f"({a:g},{b:g})" for a, b in self.weights)
@@ -946,6 +971,122 @@ class InfoPro(LocalMethod):
             else:
                 loss, logits = loss + l2 * F.cross_entropy(out.float(), batch.y), out
         return loss, logits
+
+
+# ---- add-ons: methods that wrap a base method ------------------------------------------------------------------
+# An add-on changes what the base's aux nets read (aux_input), when extra work happens (after_backward) or what
+# the local loss is; the base keeps its own aux nets and loss. `--method man --base dgl` builds DGL's aux nets on
+# MAN's features. One EMA implementation serves MAN and MLAAN.
+
+@torch.no_grad()
+def ema_update(ema, src, decay):
+    """Parameters only (BN running statistics are not averaged, as in MAN's code):
+    ema <- decay * ema + (1 - decay) * src."""
+    e, p = list(ema.parameters()), list(src.parameters())
+    torch._foreach_mul_(e, decay)
+    torch._foreach_add_(e, p, alpha=1 - decay)
+
+
+class AddOn(LocalMethod):
+    """Base class of add-ons: builds `self.base` (a LocalMethod) on the shapes that `aux_input` produces."""
+    bases, default_base = (), None
+
+    def __init__(self, net, args, num_classes, aux_shapes):
+        super().__init__(net, args, num_classes, shapes=[])
+        self.base = METHODS[args.base](net, args, num_classes, shapes=aux_shapes)
+
+    @classmethod
+    def check(cls, net, args):
+        if args.base not in cls.bases:
+            raise UserError(f"--method {cls.name} composes with --base {' or '.join(cls.bases)}, not {args.base}")
+
+    def summary(self):
+        return f"base {self.base.name}" + (f"; {self.base.summary()}" if self.base.summary() else "")
+
+    def aux_parts(self, k):
+        return self.base.aux_parts(k)
+
+    def aux_shape(self, k):
+        return self.base.aux_shape(k)
+
+    def local_loss(self, k, z, batch):
+        return self.base.local_loss(k, z, batch)
+
+
+@register
+class MAN(AddOn):
+    """MAN, Momentum Auxiliary Network (Su et al., ECCV 2024; official code JunhaoSu0/MAN), on InfoPro or DGL.
+
+    For each boundary k, two copies of B_{k+1}, the first residual block of module k+1: EMA_k (no gradient) and a
+    trainable "learnable bias" copy LB_k. The base's aux nets read
+
+        z_k = LB_k(h_k) + EMA_k(h_k)           (gradient reaches module k through both branches)
+        after module k's backward, before the optimizer step:  EMA_k <- m EMA_k + (1 - m) B_{k+1}   (parameters)
+
+    so the aux net "sees" the next block's current behaviour. InfoPro base (default, as the official code): head
+    2c2f, cross-entropy, feature dim 128, (ixx_1, ixy_1, ixx_2, ixy_2) = (5, 0.5, 0, 0), and MAN's own weights:
+        r_k = s_k / (K - 2) (0 if K <= 2),  s_k = stage (1..3) of B_{k+1},  K = the nominal --K
+    -- a quirk of the official code (InfoPro interpolates over the module index) that changes results: weights
+    stay near (5, 0.5) instead of decaying to 0, and turn negative for K = 3, 4. Reproduced.
+    Also reproduced: MAN never makes the stem its own module (ResNet-32 K=16 builds 15 modules, ResNet-110 K=55
+    builds 54), and both copies start from a fresh random init like the rest of the model (`--man-init copy`,
+    our extension, starts them as copies of B_{k+1}). Fixed: the EMA decay defaults to 0.995 (the official
+    default 1.0 freezes the EMA branch at its random init; its README uses 0.995).
+    DGL base: z_k feeds DGL's aux net with CE, weight 1 (inferred: the public MAN code has no DGL variant)."""
+    name = "man"
+    bases, default_base = ("infopro", "dgl"), "infopro"
+
+    @staticmethod
+    def add_args(p):
+        p.add_argument("--ema-decay", type=float, default=0.995,
+                       help="MAN/MLAAN EMA decay m: ema <- m ema + (1-m) block (official MAN default 1.0 freezes it)")
+        p.add_argument("--man-init", default="random", choices=["random", "copy"],
+                       help="MAN EMA/LB copies start random (official) or as copies of the tracked block (ours)")
+
+    @classmethod
+    def adjust_ends(cls, ends, args):
+        return [e for e in ends if e != 0]                 # the stem always runs in front of module 1
+
+    def __init__(self, net, args, num_classes):
+        if args.base == "infopro":
+            for k, v in dict(aux_config="2c2f", local_loss="cross_entropy").items():
+                if getattr(args, k) is None:
+                    setattr(args, k, v)
+        nxt = [net.units[e + 1] for e in net.ends[:-1]]    # B_{k+1}: first block of module k+1
+        super().__init__(net, args, num_classes, [net.unit_shapes[e + 1] for e in net.ends[:-1]])
+        self.decay, self.tracked = args.ema_decay, nxt      # plain list: the tracked blocks belong to the backbone
+        self.ema = nn.ModuleList([_clone_block(b, args.man_init) for b in nxt])
+        self.lb = nn.ModuleList([_clone_block(b, args.man_init) for b in nxt])
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        if args.base == "infopro":
+            stages = [unit_position(net.arch, e + 1)[0] for e in net.ends[:-1]]
+            self.base.set_lambdas(args, (5, 0.5, 0, 0), "MAN README command")
+            self.base.weights = interpolate_lambdas(self.base.lambdas_all,
+                                                    [s / (args.K - 2) if args.K > 2 else 0.0 for s in stages])
+
+    def summary(self):
+        return super().summary() + f"; EMA decay {self.decay}"
+
+    def aux_parts(self, k):
+        return super().aux_parts(k) + [self.ema[k], self.lb[k]]
+
+    def aux_input(self, k, h):
+        return self.lb[k](h) + self.ema[k](h)
+
+    def after_backward(self, k):
+        ema_update(self.ema[k], self.tracked[k], self.decay)
+
+
+def _clone_block(block, init):
+    """A new block with `block`'s architecture: He-initialised afresh (official MAN) or a copy of its weights."""
+    clone = copy.deepcopy(block)
+    if init == "random":
+        for m in clone.modules():
+            if hasattr(m, "reset_parameters") and m is not clone:
+                m.reset_parameters()
+        init_weights(clone)
+    return clone
 
 
 # =============================================================================================================
@@ -1054,7 +1195,8 @@ def forward_backward(net, method, batch, scaler, autocast, on_module_done=None):
             else:
                 logits = net.head(h)
                 loss = F.cross_entropy(logits, y)
-        scaler.scale(loss).backward()
+        if loss.requires_grad:  # False only when every term of a local loss has weight 0 (nothing to train)
+            scaler.scale(loss).backward()
         if k < K - 1:
             method.after_backward(k)
         if on_module_done is not None:
@@ -1132,6 +1274,12 @@ def resolve_config(args):
             raise UserError("--norm applies to --dataset folder only")
         spec = DATASETS[args.dataset]
     cls = METHODS[args.method]
+    if issubclass(cls, AddOn):
+        args.base = args.base or cls.default_base
+        if args.base not in METHODS:
+            raise UserError(f"--base {args.base}: unknown method (choose from {', '.join(cls.bases)})")
+    elif args.base is not None:
+        raise UserError(f"--base applies to add-on methods only (man); --method {args.method} is not one")
     args.K = cls.default_K(args) if args.K is None else args.K
     args.batch_size = args.batch_size or spec.batch
     args.lr = spec.lr if args.lr is None else args.lr
@@ -1143,10 +1291,11 @@ def resolve_config(args):
 
 
 def build(args, spec):
-    ends = split_ends(args.arch, args.K, args.balanced_memory, spec.name)
+    cls = METHODS[args.method]
+    ends = cls.adjust_ends(split_ends(args.arch, args.K, args.balanced_memory, spec.name), args)
     net = LocalNet(args.arch, spec.classes, ends, spec.size)
-    METHODS[args.method].check(net, args)
-    return net, METHODS[args.method](net, args, spec.classes)
+    cls.check(net, args)
+    return net, cls(net, args, spec.classes)
 
 
 def print_splits(net, method):
@@ -1158,7 +1307,7 @@ def print_splits(net, method):
         nb = b - a - (a == 0)
         p = sum(n(u) for u in net.units[a:b]) + (n(net.fc) if k == net.K - 1 else 0)
         if k < net.K - 1:
-            shape, ap = "x".join(map(str, net.unit_shapes[b - 1])), f"{n(method.aux[k]):,}"
+            shape, ap = "x".join(map(str, method.aux_shape(k))), f"{sum(n(m) for m in method.aux_parts(k)):,}"
         else:
             shape, ap = "(head)", f"{n(net.fc):,}"
         print(f"{k:>6}  {names:<14} {nb:>6} {p:>10,}  {shape:<12} {ap:>10}")

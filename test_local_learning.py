@@ -493,3 +493,94 @@ def test_infopro_balanced_splits_only_where_published():
         L.split_ends("resnet110", 8, True, "cifar10")
     with pytest.raises(L.UserError, match="balanced"):
         L.split_ends("resnet110", 2, True, "svhn")
+
+
+# ------------------------------------------------------------------------------------------------ MAN
+
+def build_cli(*argv):
+    args = L.parse_args(list(argv))
+    spec = L.resolve_config(args)
+    return L.build(args, spec)
+
+
+@pytest.mark.parametrize("arch, K, modules, lb_total", [("resnet32", 16, 15, 461_120), ("resnet110", 55, 54, 1_724_928),
+                                                        ("resnet32", 8, 8, None), ("resnet110", 32, 32, None)])
+def test_man_module_count_and_lb_parameters(arch, K, modules, lb_total):
+    net, m = build_cli("--method", "man", "--arch", arch, "--K", str(K))
+    assert net.K == modules                                        # MAN merges the stem into module 1
+    assert n_params(m.lb) == n_params(m.ema)
+    if lb_total:
+        assert n_params(m.lb) == lb_total                          # spec 4: as large as the backbone
+
+
+@pytest.mark.parametrize("K, arch, table", [
+    (8, "resnet32", [(4.167, 0.417), (3.333, 0.333), (2.5, 0.25)]),
+    (16, "resnet32", [(4.643, 0.464), (4.286, 0.429), (3.929, 0.393)]),
+    (32, "resnet110", [(4.833, 0.483), (4.667, 0.467), (4.5, 0.45)]),
+    (55, "resnet110", [(4.906, 0.491), (4.811, 0.481), (4.717, 0.472)]),
+])
+def test_man_stage_indexed_lambdas(K, arch, table):
+    net, m = build_cli("--method", "man", "--arch", arch, "--K", str(K))
+    stages = [L.unit_position(arch, e + 1)[0] for e in net.ends[:-1]]
+    for s, (l1, l2) in zip(stages, m.base.weights):
+        assert (l1, l2) == pytest.approx(table[s - 1], abs=1e-3)
+    assert m.base.weights[0] != m.base.weights[-1] and all(l1 > 2 for l1, _ in m.base.weights)
+
+
+def test_man_defaults_and_heads():
+    net, m = build_cli("--method", "man")
+    assert m.base.name == "infopro" and m.decay == 0.995
+    head = m.base.aux[0]["head"]
+    assert n_params(head) == 19_466                                # 2c2f + cross-entropy at 16 channels
+    net, m = build_cli("--method", "man", "--base", "dgl")
+    assert isinstance(m.base.aux[0], L.DGLAux) and m.base.aux_shapes[4] == (32, 16, 16)   # reads B_{k+1}'s output
+
+
+def _man_step(m, net, batch):
+    scaler, ac = torch.amp.GradScaler("cpu", enabled=False), torch.autocast("cpu", enabled=False)
+    return L.forward_backward(net, m, batch, scaler, ac)
+
+
+@pytest.mark.parametrize("base", ["infopro", "dgl"])
+def test_man_ema_update_gradients_and_isolation(base):
+    torch.manual_seed(0)
+    net, m = build_cli("--method", "man", "--base", base, "--K", "8", "--ema-decay", "0.9")
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    batch = L.Batch(x, y, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
+    before = [[p.clone() for p in e.parameters()] for e in m.ema]
+    tracked = [[p.clone() for p in b.parameters()] for b in m.tracked]
+    snap = {}
+    L.forward_backward(net, m, batch, torch.amp.GradScaler("cpu", enabled=False),
+                       torch.autocast("cpu", enabled=False),
+                       on_module_done=lambda k: snap.setdefault(k, [p.grad.clone() for p in net.units[net.bounds[k][0]].parameters()]))
+    for k in range(net.K - 1):
+        for e, e0, b in zip(m.ema[k].parameters(), before[k], tracked[k]):
+            assert torch.allclose(e, 0.9 * e0 + 0.1 * b)                # one EMA step, pre-step block values
+            assert e.grad is None and not e.requires_grad
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.lb[k].parameters())
+    for k in range(net.K):                                            # later losses never touch module k
+        assert all(torch.equal(a, p.grad) for a, p in zip(snap[k], net.units[net.bounds[k][0]].parameters()))
+
+
+def test_man_negative_and_zero_weights_for_small_K(cifar_dir):
+    net, m = build_cli("--method", "man", "--K", "4")                  # quirk: r = s/(K-2) reaches 1.5
+    assert [w for w in m.base.weights] == [(2.5, 0.25), (0.0, 0.0), (-2.5, -0.25)]
+    r = L.main(train_args(cifar_dir, "--method", "man", "--K", "4"))   # a module with weights (0, 0) is skipped
+    assert r["modules"] == 4
+
+
+def test_man_init_copy_and_bad_base():
+    net, m = build_cli("--method", "man", "--man-init", "copy", "--K", "4")
+    assert all(torch.equal(a, b) for a, b in zip(m.ema[0].parameters(), m.tracked[0].parameters()))
+    net, m = build_cli("--method", "man", "--K", "4")
+    assert not all(torch.equal(a, b) for a, b in zip(m.ema[0].parameters(), m.tracked[0].parameters()))
+    with pytest.raises(L.UserError, match="composes with"):
+        build_cli("--method", "man", "--base", "greedy")
+    with pytest.raises(L.UserError, match="add-on"):
+        build_cli("--method", "dgl", "--base", "infopro")
+
+
+@pytest.mark.parametrize("base", ["infopro", "dgl"])
+def test_man_smoke(cifar_dir, base):
+    r = L.main(train_args(cifar_dir, "--method", "man", "--base", base))
+    assert r["modules"] == 15 and 0 <= r["final_acc"] <= 100 and r["module_acc"][0] is not None
