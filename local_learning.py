@@ -44,6 +44,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import socket
 import sys
 import time
@@ -735,6 +736,72 @@ def supcon_loss(z, y, temperature=0.07):
     return -((log_prob * pos).sum(1) / pos.sum(1).clamp(min=1)).mean()
 
 
+class AugLocalAux(nn.Module):
+    """AugLocal's auxiliary network for the module ending at unit L (Ma et al., ICLR 2024; ChenxiangMA/AugLocal):
+    fresh, randomly initialised blocks with the architecture of D backbone units chosen uniformly among the units
+    that follow L, then GAP -> [BatchNorm1d if D <= 1] -> Linear.
+
+        selected = [round(L + (n - L - 1) / D * j) for j = 1..D]     (n units; all remaining ones if D >= n-1-L)
+    Python's round (half to even), as the official code -- half-up rounding builds different nets. A block that
+    reaches a wider unit takes stride 2 (one stride-2 per doubling of width, carried to the next block if a
+    single block quadruples the width), like the backbone unit it imitates."""
+
+    def __init__(self, L, depth, unit_shapes, block, num_classes):
+        super().__init__()
+        n = len(unit_shapes)
+        if depth >= n - 1 - L:
+            self.selected = list(range(L + 1, n))
+        else:
+            self.selected = [round(L + (n - L - 1) / depth * j) for j in range(1, depth + 1)]
+        cur, debt, blocks = unit_shapes[L][0], 0, []
+        for j in self.selected:
+            cout = unit_shapes[j][0]
+            debt += int(math.log2(cout // cur))
+            stride = 2 if debt >= 1 else 1
+            debt -= stride == 2
+            blocks.append(block(cur, cout // block.expansion, stride))
+            cur = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Flatten(), *([nn.BatchNorm1d(cur)] if depth <= 1 else []),
+                                  nn.Linear(cur, num_classes))
+
+    def forward(self, h):
+        return self.head(F.adaptive_avg_pool2d(self.blocks(h), 1))
+
+
+class PredSimAux(nn.Module):
+    """PredSim's two local heads (Noekland & Eidnes 2019, as in the AugLocal repository):
+    `pred`: avg-pool (kernel grown, height then width alternately, until C*H'*W' <= 512) -> Linear -> classes;
+    `sim`: conv3x3 C -> C (no bias) whose output feeds the similarity-matching loss."""
+    POOLED = 512
+
+    def __init__(self, c, h, w, num_classes):
+        super().__init__()
+        kh, kw = 1, 1
+        while c * (h // kh) * (w // kw) > self.POOLED:
+            if kh <= kw:
+                kh *= 2
+            else:
+                kw *= 2
+        self.pool = nn.AvgPool2d((kh, kw))
+        self.pred = nn.Linear(c * (h // kh) * (w // kw), num_classes)
+        self.sim = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+
+    def forward(self, h):
+        return self.pred(torch.flatten(self.pool(h), 1)), self.sim(h)
+
+
+def similarity_matrix(x):
+    """Row-centred cosine similarity (B x B) used by PredSim: 4-D maps are first reduced to the spatial standard
+    deviation of each channel (unbiased), as the original."""
+    if x.dim() == 4 and x.shape[1] > 3 and x.shape[2] > 1:
+        x = x.flatten(2).std(dim=2)
+    x = x.flatten(1).float()
+    x = x - x.mean(dim=1, keepdim=True)
+    x = x / (1e-8 + x.norm(dim=1, keepdim=True))
+    return (x @ x.t()).clamp(-1, 1)
+
+
 # =============================================================================================================
 # 5. Methods
 # =============================================================================================================
@@ -809,6 +876,10 @@ class LocalMethod(nn.Module):
 
     def aux_shape(self, k):
         return self.aux_shapes[k]
+
+    def aux_note(self, k, arch):
+        """Extra --print-splits text for module k (e.g. which units an AugLocal aux net imitates)."""
+        return ""
 
     def aux_input(self, k, h):
         return h
@@ -973,6 +1044,83 @@ class InfoPro(LocalMethod):
         return loss, logits
 
 
+@register
+class AugLocal(LocalMethod):
+    """AugLocal (Ma, Wu, Zhou, Pan, Liang, Gong, Zhang: "Scaling Supervised Local Learning with Augmented
+    Auxiliary Networks", ICLR 2024; official code ChenxiangMA/AugLocal).
+
+    The aux net of module k imitates the rest of the network: fresh copies of D_k backbone units sampled uniformly
+    from those after module k (AugLocalAux), then pooling + FC;  L_k = CE(aux_k(h_k), y), weight 1.
+    Pyramidal depth (--pyramid c): D_k = max(1, round(d (1 - r_k) + r_k)), r_k = k c / (K' - 2), so depth falls
+    linearly from d to (d + 1)/2 at c = 0.5. Module count, as the official script: it subtracts the aux depth
+    from the requested number, K' = K - d; the first K' - 1 modules keep their split and the last module takes
+    the d + 1 final units with the real head (ResNet-32 K=16 d=3 -> 13 modules). Defaults: d = 3, no pyramid;
+    the official commands use d in {1, 3, 5} with --pyramid 0.5 (ResNet-32 K=16, ResNet-110 K=55)."""
+    name = "auglocal"
+
+    @staticmethod
+    def add_args(p):
+        p.add_argument("--aux-depth", type=int, default=3, help="AugLocal: units per aux net d (official 1, 3, 5)")
+        p.add_argument("--pyramid", type=float, default=0.0, metavar="C",
+                       help="AugLocal pyramidal depth coefficient c (official commands 0.5; 0 = same depth d)")
+
+    @classmethod
+    def adjust_ends(cls, ends, args):
+        if args.aux_depth < 1 or len(ends) - args.aux_depth < 2:
+            raise UserError(f"--aux-depth {args.aux_depth} with --K {len(ends)}: AugLocal builds K - d modules and "
+                            f"needs at least 2 (1 <= d <= K - 2)")
+        return ends[:len(ends) - 1 - args.aux_depth] + ends[-1:]
+
+    def __init__(self, net, args, num_classes, shapes=None):
+        n = net.K - 1
+        self.depths = [max(1, round(args.aux_depth * (1 - r) + r))
+                       for r in (k * args.pyramid / (n - 1) if n > 1 else 0.0 for k in range(n))]
+        self.ends, self.unit_shapes, self.block = net.ends, net.unit_shapes, ARCHS[net.arch][1]
+        self._k = iter(range(n))
+        super().__init__(net, args, num_classes, shapes)
+
+    def make_aux(self, c, h, w, num_classes, args):
+        k = next(self._k)
+        return AugLocalAux(self.ends[k], self.depths[k], self.unit_shapes, self.block, num_classes)
+
+    def summary(self):
+        return "aux depths " + " ".join(map(str, self.depths))
+
+    def aux_note(self, k, arch):
+        return "copies " + ",".join(unit_name(arch, j) for j in self.aux[k].selected)
+
+
+@register
+class PredSim(LocalMethod):
+    """PredSim (Noekland & Eidnes, "Training Neural Networks with Local Error Signals", ICML 2019), as run in the
+    AugLocal repository (its only official implementation on these ResNets):
+
+        L_k = ixx * MSE( S(conv3x3(h_k)), S(onehot(y)) ) + ixy * CE( Linear(avgpool(h_k)), y )
+    with S the row-centred cosine similarity matrix (similarity_matrix). Weights (ixx, ixy) = (0.99, 0.01) at every
+    module (the official commands; --ixx-1/--ixy-1/--ixx-2/--ixy-2 interpolate over modules as InfoPro's)."""
+    name = "predsim"
+
+    def __init__(self, net, args, num_classes, shapes=None):
+        super().__init__(net, args, num_classes, shapes)
+        given = [getattr(args, n) for n in ("ixx_1", "ixy_1", "ixx_2", "ixy_2")]
+        lam = tuple(d if v is None else v for v, d in zip(given, (0.99, 0.01, 0.99, 0.01)))
+        n, self.num_classes = len(self.aux), num_classes
+        self.weights = interpolate_lambdas(lam, [k / (n - 1) if n > 1 else 0.0 for k in range(n)])
+
+    def make_aux(self, c, h, w, num_classes, args):
+        return PredSimAux(c, h, w, num_classes)
+
+    def local_loss(self, k, z, batch):
+        l_sim, l_pred = self.weights[k]
+        logits, sim_feat = self.aux[k](z)
+        target = similarity_matrix(F.one_hot(batch.y, self.num_classes).float())
+        loss = l_sim * F.mse_loss(similarity_matrix(sim_feat), target) + l_pred * F.cross_entropy(logits.float(), batch.y)
+        return loss, logits
+
+    def summary(self):
+        return f"(sim, pred) weights {self.weights[0]} .. {self.weights[-1]}"
+
+
 # ---- add-ons: methods that wrap a base method ------------------------------------------------------------------
 # An add-on changes what the base's aux nets read (aux_input), when extra work happens (after_backward) or what
 # the local loss is; the base keeps its own aux nets and loss. `--method man --base dgl` builds DGL's aux nets on
@@ -1008,6 +1156,9 @@ class AddOn(LocalMethod):
 
     def aux_shape(self, k):
         return self.base.aux_shape(k)
+
+    def aux_note(self, k, arch):
+        return self.base.aux_note(k, arch)
 
     def local_loss(self, k, z, batch):
         return self.base.local_loss(k, z, batch)
@@ -1308,9 +1459,10 @@ def print_splits(net, method):
         p = sum(n(u) for u in net.units[a:b]) + (n(net.fc) if k == net.K - 1 else 0)
         if k < net.K - 1:
             shape, ap = "x".join(map(str, method.aux_shape(k))), f"{sum(n(m) for m in method.aux_parts(k)):,}"
+            note = method.aux_note(k, net.arch)
         else:
-            shape, ap = "(head)", f"{n(net.fc):,}"
-        print(f"{k:>6}  {names:<14} {nb:>6} {p:>10,}  {shape:<12} {ap:>10}")
+            shape, ap, note = "(head)", f"{n(net.fc):,}", ""
+        print(f"{k:>6}  {names:<14} {nb:>6} {p:>10,}  {shape:<12} {ap:>10}  {note}".rstrip())
 
 
 def atomic_save(obj, path):
@@ -1479,4 +1631,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if hasattr(signal, "SIGPIPE"):  # `... --print-splits | head` should end quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     main()

@@ -89,6 +89,13 @@ def build(arch="resnet32", method="dgl", K=16, classes=10, size=32, extra=()):
     return net, L.METHODS[method](net, args, classes)
 
 
+def build_cli(*argv):
+    """Model and method exactly as the command line would build them."""
+    args = L.parse_args(list(argv))
+    spec = L.resolve_config(args)
+    return L.build(args, spec)
+
+
 def module_sizes(arch, K, balanced=False, dataset="cifar10"):
     """Residual blocks per module (the stem is not a block)."""
     ends = L.split_ends(arch, K, balanced, dataset)
@@ -156,28 +163,32 @@ def test_init_is_he_fan_out():
 
 # ------------------------------------------------------------------------------------------------ training step
 
-def test_gradient_isolation():
+@pytest.mark.parametrize("method, extra", [("greedy", ()), ("dgl", ()), ("infopro", ()), ("predsim", ()),
+                                           ("auglocal", ("--aux-depth", "1")),
+                                           ("infopro", ("--local-loss", "cross_entropy"))])
+def test_gradient_isolation(method, extra):
     """Module k's gradients are final once its own backward ran: later modules' losses add nothing to them."""
     torch.manual_seed(0)
-    net, method = build(K=4)
+    net, method = build_cli("--method", method, "--K", "5", *extra)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     batch = L.Batch(x, y, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
     owned = lambda k: [p for u in net.units[net.bounds[k][0]:net.bounds[k][1]] for p in u.parameters()] + \
         (list(method.aux[k].parameters()) if k < net.K - 1 else list(net.fc.parameters()))
     snap = {}
+    clone = lambda g: None if g is None else g.clone()
 
     def done(k):
-        snap[k] = [p.grad.clone() for p in owned(k)]
+        snap[k] = [clone(p.grad) for p in owned(k)]
         for j in range(k + 1, net.K):                                  # nothing downstream has a gradient yet
             assert all(p.grad is None for p in owned(j))
 
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     L.forward_backward(net, method, batch, scaler, torch.autocast("cpu", enabled=False), on_module_done=done)
     for k in range(net.K):
-        grads = [p.grad for p in owned(k)]
-        assert all(g is not None for g in grads)
-        assert any(g.abs().sum() > 0 for g in grads)
-        assert all(torch.equal(a, b) for a, b in zip(snap[k], grads))   # untouched by modules k+1..K-1
+        backbone = [p for u in net.units[net.bounds[k][0]:net.bounds[k][1]] for p in u.parameters()]
+        assert all(p.grad is not None for p in backbone) and any(p.grad.abs().sum() > 0 for p in backbone)
+        for a, p in zip(snap[k], owned(k)):                            # untouched by modules k+1..K-1
+            assert (a is None and p.grad is None) or torch.equal(a, p.grad)
 
 
 def test_lr_schedule_matches_spec():
@@ -497,11 +508,6 @@ def test_infopro_balanced_splits_only_where_published():
 
 # ------------------------------------------------------------------------------------------------ MAN
 
-def build_cli(*argv):
-    args = L.parse_args(list(argv))
-    spec = L.resolve_config(args)
-    return L.build(args, spec)
-
 
 @pytest.mark.parametrize("arch, K, modules, lb_total", [("resnet32", 16, 15, 461_120), ("resnet110", 55, 54, 1_724_928),
                                                         ("resnet32", 8, 8, None), ("resnet110", 32, 32, None)])
@@ -584,3 +590,72 @@ def test_man_init_copy_and_bad_base():
 def test_man_smoke(cifar_dir, base):
     r = L.main(train_args(cifar_dir, "--method", "man", "--base", base))
     assert r["modules"] == 15 and 0 <= r["final_acc"] <= 100 and r["module_acc"][0] is not None
+
+
+# ------------------------------------------------------------------------------------------------ AugLocal, PredSim
+
+@pytest.mark.parametrize("arch, K, d, pyramid, modules, total", [
+    # whole model, measured from the official constructors (ChenxiangMA/AugLocal)
+    ("resnet32", 16, 1, 0.5, 15, 1_273_318), ("resnet32", 16, 3, 0, 13, 2_311_570),
+    ("resnet32", 16, 3, 0.5, 13, 1_978_514), ("resnet32", 16, 5, 0, 11, 2_710_974),
+    ("resnet32", 16, 5, 0.5, 11, 2_151_294), ("resnet110", 55, 1, 0.5, 54, 4_897_068),
+    ("resnet110", 55, 3, 0, 52, 10_728_728), ("resnet110", 55, 3, 0.5, 52, 8_971_416),
+    ("resnet110", 55, 5, 0.5, 50, 12_010_180),
+])
+def test_auglocal_parameter_counts_and_module_count(arch, K, d, pyramid, modules, total):
+    net, m = build_cli("--method", "auglocal", "--arch", arch, "--K", str(K), "--aux-depth", str(d),
+                       "--pyramid", str(pyramid))
+    assert net.K == modules                                            # K' = K - d, as the official script
+    assert n_params(net) + n_params(m) == total
+
+
+def test_auglocal_layer_selection_and_pyramid():
+    net, m = build_cli("--method", "auglocal", "--aux-depth", "3", "--pyramid", "0.5")
+    assert m.depths == [3] * 6 + [2] * 6
+    assert [a.selected for a in m.aux] == [[5, 10, 15], [6, 10, 15], [6, 11, 15], [7, 11, 15], [8, 11, 15],
+                                           [8, 12, 15], [10, 15], [11, 15], [12, 15], [12, 15], [12, 15], [13, 15]]
+    assert [n_params(a) for a in m.aux] == [77_578, 91_466] + [146_890] * 4 + [76_938] + [132_362] * 4 + [148_618]
+    assert module_sizes_of(net)[-1] == 4                               # last module: d + 1 blocks + head
+    _, m = build_cli("--method", "auglocal", "--arch", "resnet110", "--K", "55", "--aux-depth", "5", "--pyramid", "0.5")
+    assert m.depths == [5] * 12 + [4] * 25 + [3] * 12                  # round half to even (4.5 -> 4)
+    _, m = build_cli("--method", "auglocal", "--aux-depth", "1")
+    assert isinstance(m.aux[0].head[1], nn.BatchNorm1d) and m.aux[0](torch.randn(2, 16, 32, 32)).shape == (2, 10)
+    with pytest.raises(L.UserError, match="aux-depth"):
+        build_cli("--method", "auglocal", "--K", "4", "--aux-depth", "3")
+
+
+def module_sizes_of(net):
+    return [b - a - (a == 0) for a, b in net.bounds]
+
+
+def test_predsim_parameter_counts_and_similarity():
+    net, m = build_cli("--method", "predsim")
+    assert n_params(net) + n_params(m) == 751_216                      # official; 543,856 omits the sim conv
+    net, m = build_cli("--method", "predsim", "--arch", "resnet110", "--K", "55")
+    assert n_params(net) + n_params(m) == 2_844_086
+    assert [n_params(m.aux[k].pred) for k in (0, 20, 40)] == [5_130] * 3
+    y = torch.tensor([0, 0, 3])
+    S = L.similarity_matrix(F.one_hot(y, 10).float())
+    assert S[0, 1].item() == pytest.approx(1) and S[0, 2].item() == pytest.approx(-1 / 9)
+
+
+def test_predsim_local_loss_formula():
+    torch.manual_seed(0)
+    net, m = build_cli("--method", "predsim")
+    h, y = torch.randn(6, 32, 16, 16), torch.randint(0, 10, (6,))
+    batch = L.Batch(torch.zeros(6, 3, 32, 32), y, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
+    loss, logits = m.local_loss(7, h, batch)
+    feat = m.aux[7].sim(h).flatten(2).std(2)
+    feat = feat - feat.mean(1, keepdim=True)
+    feat = feat / feat.norm(dim=1, keepdim=True)
+    onehot = F.one_hot(y, 10).float()
+    onehot = onehot - onehot.mean(1, keepdim=True)
+    onehot = onehot / onehot.norm(dim=1, keepdim=True)
+    ref = 0.99 * ((feat @ feat.t() - onehot @ onehot.t()) ** 2).mean() + 0.01 * F.cross_entropy(logits, y)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("method, extra", [("auglocal", ("--aux-depth", "3", "--pyramid", "0.5")), ("predsim", ())])
+def test_auglocal_predsim_smoke(cifar_dir, method, extra):
+    r = L.main(train_args(cifar_dir, "--method", method, *extra))
+    assert r["modules"] == (13 if method == "auglocal" else 16) and r["module_acc"][0] is not None
