@@ -90,7 +90,8 @@ def build_parser():
     a("--arch", default="resnet32", choices=sorted(ARCHS, key=lambda s: (ARCHS[s][0], int(s[6:]))),
       help="backbone: CIFAR ResNets resnet20/32/44/56/110 or torchvision-style ImageNet ResNets")
     a("--base", default=None,
-      help="base method of an add-on: --method man|mlaan --base infopro|dgl (default infopro), see each add-on")
+      help="what an add-on wraps: --method man|mlaan --base infopro|dgl (default infopro); --method sgr --base "
+           "any method, add-ons as a chain, e.g. man+dgl (default infopro)")
     a("--K", type=int, default=None, help="number of gradient-isolated modules (default: 1 for bp, else 16)")
     a("--balanced-memory", action="store_true",
       help="InfoPro* split tables (ResNet-110 on cifar10/stl10, K=2,3,4): fewer blocks in early modules")
@@ -841,7 +842,7 @@ class LocalMethod(nn.Module):
 
     def __init__(self, net, args, num_classes, shapes=None):
         super().__init__()
-        self.image_size = net.image_size
+        self.image_size, self.n_modules = net.image_size, net.K
         self.aux_shapes = net.boundary_shapes if shapes is None else shapes   # add-ons pass what their aux reads
         self.aux = nn.ModuleList([self.make_aux(c, h, w, num_classes, args) for c, h, w in self.aux_shapes])
         init_weights(self)
@@ -890,6 +891,11 @@ class LocalMethod(nn.Module):
 
     def after_backward(self, k):
         pass
+
+    def backward(self, k, loss, h_in, h_out, scaler):
+        """Backpropagate module k's loss (SGR adds its gradient-reconciliation term here)."""
+        if loss.requires_grad:  # False only when every term of a local loss has weight 0 (nothing to train)
+            scaler.scale(loss).backward()
 
 
 @register
@@ -1136,17 +1142,47 @@ def ema_update(ema, src, decay):
 
 
 class AddOn(LocalMethod):
-    """Base class of add-ons: builds `self.base` (a LocalMethod) on the shapes that `aux_input` produces."""
+    """Base class of add-ons. `--base` names what it wraps, possibly itself an add-on: `--method sgr --base man+dgl`
+    is SGR on MAN on DGL. The base's aux nets are built on the shapes `aux_input` produces; every hook an add-on
+    does not override is passed down to its base."""
     bases, default_base = (), None
 
-    def __init__(self, net, args, num_classes, aux_shapes):
+    def __init__(self, net, args, num_classes, shapes=None, chain=None, aux_shapes=None):
         super().__init__(net, args, num_classes, shapes=[])
-        self.base = METHODS[args.base](net, args, num_classes, shapes=aux_shapes)
+        name, rest = split_chain(chain or args.base)
+        base_cls = METHODS[name]
+        kw = dict(chain=rest or base_cls.default_base) if issubclass(base_cls, AddOn) else {}
+        self.base = base_cls(net, args, num_classes, shapes=aux_shapes or shapes, **kw)
+
+    @classmethod
+    def chain(cls, args):
+        """[(add-on class, its base name), ...] down the --base chain."""
+        out, c, chain = [], cls, args.base
+        while issubclass(c, AddOn):
+            name, rest = split_chain(chain or c.default_base)
+            out.append((c, name))
+            c, chain = METHODS.get(name), rest
+            if c is None:
+                raise UserError(f"--base {args.base}: unknown method {name}")
+        return out
 
     @classmethod
     def check(cls, net, args):
-        if args.base not in cls.bases:
-            raise UserError(f"--method {cls.name} composes with --base {' or '.join(cls.bases)}, not {args.base}")
+        for c, name in cls.chain(args):
+            if name not in c.bases:
+                raise UserError(f"--method {c.name} composes with --base {', '.join(c.bases)}; not {name}")
+
+    @classmethod
+    def adjust_ends(cls, ends, args):
+        for c, name in reversed(cls.chain(args)):          # innermost base first
+            if not issubclass(METHODS[name], AddOn):
+                ends = METHODS[name].adjust_ends(ends, args)
+            ends = c.adjust_ends_own(ends, args)
+        return ends
+
+    @classmethod
+    def adjust_ends_own(cls, ends, args):
+        return ends
 
     def summary(self):
         return f"base {self.base.name}" + (f"; {self.base.summary()}" if self.base.summary() else "")
@@ -1160,8 +1196,23 @@ class AddOn(LocalMethod):
     def aux_note(self, k, arch):
         return self.base.aux_note(k, arch)
 
+    def aux_input(self, k, h):
+        return self.base.aux_input(k, h)
+
     def local_loss(self, k, z, batch):
         return self.base.local_loss(k, z, batch)
+
+    def after_backward(self, k):
+        self.base.after_backward(k)
+
+    def backward(self, k, loss, h_in, h_out, scaler):
+        self.base.backward(k, loss, h_in, h_out, scaler)
+
+
+def split_chain(chain):
+    """'man+dgl' -> ('man', 'dgl'); 'dgl' -> ('dgl', '')."""
+    name, _, rest = chain.partition("+")
+    return name, rest
 
 
 @register
@@ -1195,22 +1246,24 @@ class MAN(AddOn):
                        help="MAN EMA/LB copies start random (official) or as copies of the tracked block (ours)")
 
     @classmethod
-    def adjust_ends(cls, ends, args):
+    def adjust_ends_own(cls, ends, args):
         return [e for e in ends if e != 0]                 # the stem always runs in front of module 1
 
-    def __init__(self, net, args, num_classes):
-        if args.base == "infopro":
+    def __init__(self, net, args, num_classes, shapes=None, chain=None):
+        base = split_chain(chain or args.base)[0]
+        if base == "infopro":
             for k, v in dict(aux_config="2c2f", local_loss="cross_entropy").items():
                 if getattr(args, k) is None:
                     setattr(args, k, v)
         nxt = [net.units[e + 1] for e in net.ends[:-1]]    # B_{k+1}: first block of module k+1
-        super().__init__(net, args, num_classes, [net.unit_shapes[e + 1] for e in net.ends[:-1]])
+        super().__init__(net, args, num_classes, chain=chain,
+                         aux_shapes=[net.unit_shapes[e + 1] for e in net.ends[:-1]])
         self.decay, self.tracked = args.ema_decay, nxt      # plain list: the tracked blocks belong to the backbone
         self.ema = nn.ModuleList([_clone_block(b, args.man_init) for b in nxt])
         self.lb = nn.ModuleList([_clone_block(b, args.man_init) for b in nxt])
         for p in self.ema.parameters():
             p.requires_grad_(False)
-        if args.base == "infopro":
+        if base == "infopro":
             stages = [unit_position(net.arch, e + 1)[0] for e in net.ends[:-1]]
             self.base.set_lambdas(args, (5, 0.5, 0, 0), "MAN README command")
             self.base.weights = interpolate_lambdas(self.base.lambdas_all,
@@ -1227,6 +1280,80 @@ class MAN(AddOn):
 
     def after_backward(self, k):
         ema_update(self.ema[k], self.tracked[k], self.decay)
+
+
+def sgr_distance(a, b, kind):
+    """Distance between module j's input gradient a and the previous module's output gradient b (B x ...).
+
+    Batch-size invariant (our choice; the paper's constants were not available): a mean-reduced loss gives every
+    sample's gradient a 1/B factor, so both are multiplied by B (per-sample-loss gradients) and the distance is
+    averaged over samples:  sq_l2 = mean_i ||a_i - b_i||^2,  l2 = mean_i ||a_i - b_i||,  cos = mean_i (1 - cos(a_i, b_i)).
+    Computed in fp32."""
+    B, up = a.shape[0], (lambda t: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t)
+    a, b = up(a).flatten(1) * B, up(b).flatten(1) * B
+    if kind == "cos":
+        return (1 - F.cosine_similarity(a, b, dim=1, eps=1e-12)).mean()
+    sq = (a - b).pow(2).sum(1)
+    return sq.mean() if kind == "sq_l2" else (sq + 1e-12).sqrt().mean()
+
+
+def sgr_term(loss, h_in, target, kind):
+    """D(dL/dh_in, target) with the input gradient kept differentiable (double backward), so that D trains the
+    module (backbone and aux net) that produced `loss`; `target` is a constant."""
+    a, = torch.autograd.grad(loss, h_in, create_graph=True)
+    return sgr_distance(a, target, kind)
+
+
+@register
+class SGR(AddOn):
+    """SGR, Successive Gradient Reconciliation (Yang et al., "Towards Interpretable Deep Local Learning with
+    Successive Gradient Reconciliation", ICML 2024). No official code; this follows ../shared/specs/sgr.md.
+
+    Module j's loss gains a term that reconciles its input gradient with the gradient module j-1 trained on:
+
+        L_j  <-  L_j + lambda * D( a_j, b_{j-1} ),   a_j = dL_j / dh_{j-1}  (double backward: trains module j),
+                                                     b_{j-1} = dL_{j-1} / dh_{j-1}  (handed forward, a constant)
+    for every module j >= 2, the last one included; module 1 has none. Nothing flows into module j-1, so gradient
+    isolation holds. Our defaults (the paper's constants were not available): lambda = --sgr-weight 0.1,
+    D = --sgr-distance sq_l2 on batch-scaled gradients (sgr_distance), b from the plain local loss
+    (--sgr-target plain). Cost: one extra backward through module j, and module j's graph is kept for it."""
+    name = "sgr"
+    needs_input_grad = True
+    bases, default_base = ("greedy", "dgl", "predsim", "infopro", "auglocal", "man", "mlaan"), "infopro"
+
+    @staticmethod
+    def add_args(p):
+        p.add_argument("--sgr-weight", type=float, default=0.1, help="SGR: weight lambda of the reconciliation term")
+        p.add_argument("--sgr-distance", default="sq_l2", choices=["sq_l2", "l2", "cos"],
+                       help="SGR: distance between the two gradients (on per-sample, batch-scaled gradients)")
+        p.add_argument("--sgr-target", default="plain", choices=["plain", "regularised"],
+                       help="SGR: b_j is the gradient of module j's plain local loss, or of the loss with its own term")
+
+    @classmethod
+    def check(cls, net, args):
+        super().check(net, args)
+        if args.amp == "fp16":
+            raise UserError("--method sgr: double backward under fp16 loss scaling is not supported; use --amp bf16")
+
+    def __init__(self, net, args, num_classes, shapes=None, chain=None):
+        super().__init__(net, args, num_classes, shapes, chain)
+        self.weight, self.kind, self.plain_target = args.sgr_weight, args.sgr_distance, args.sgr_target == "plain"
+        self.target = None
+
+    def summary(self):
+        return f"lambda {self.weight}, {self.kind}, target {'plain' if self.plain_target else 'regularised'}; " + \
+            super().summary()
+
+    def backward(self, k, loss, h_in, h_out, scaler):
+        if not loss.requires_grad:
+            self.target = None
+            return
+        total = loss
+        if k > 0 and self.target is not None:
+            total = loss + self.weight * sgr_term(loss, h_in, self.target, self.kind)
+        if k < self.n_modules - 1:                          # b_k, handed to module k+1 (detached)
+            self.target = torch.autograd.grad(loss if self.plain_target else total, h_out, retain_graph=True)[0]
+        self.base.backward(k, total, h_in, h_out, scaler)
 
 
 def _clone_block(block, init):
@@ -1336,18 +1463,17 @@ def forward_backward(net, method, batch, scaler, autocast, on_module_done=None):
     h, K, y = batch.x, net.K, batch.y
     losses, correct = [], []
     for k in range(K):
-        h = h.detach()
+        h_in = h.detach()
         if k > 0 and method.needs_input_grad:
-            h.requires_grad_(True)
+            h_in.requires_grad_(True)
         with autocast:
-            h = net.run(h, k)
+            h = net.run(h_in, k)
             if k < K - 1:
                 loss, logits = method.local_loss(k, method.aux_input(k, h), batch)
             else:
                 logits = net.head(h)
                 loss = F.cross_entropy(logits, y)
-        if loss.requires_grad:  # False only when every term of a local loss has weight 0 (nothing to train)
-            scaler.scale(loss).backward()
+        method.backward(k, loss, h_in, h, scaler)
         if k < K - 1:
             method.after_backward(k)
         if on_module_done is not None:
@@ -1427,10 +1553,10 @@ def resolve_config(args):
     cls = METHODS[args.method]
     if issubclass(cls, AddOn):
         args.base = args.base or cls.default_base
-        if args.base not in METHODS:
-            raise UserError(f"--base {args.base}: unknown method (choose from {', '.join(cls.bases)})")
+        cls.chain(args)                                    # unknown names fail here, with one line
     elif args.base is not None:
-        raise UserError(f"--base applies to add-on methods only (man); --method {args.method} is not one")
+        raise UserError(f"--base applies to add-on methods only (man, mlaan, sgr); --method {args.method} "
+                        f"is not one")
     args.K = cls.default_K(args) if args.K is None else args.K
     args.batch_size = args.batch_size or spec.batch
     args.lr = spec.lr if args.lr is None else args.lr

@@ -164,6 +164,7 @@ def test_init_is_he_fan_out():
 # ------------------------------------------------------------------------------------------------ training step
 
 @pytest.mark.parametrize("method, extra", [("greedy", ()), ("dgl", ()), ("infopro", ()), ("predsim", ()),
+                                           ("sgr", ("--base", "dgl")), ("sgr", ("--base", "man+infopro", "--K", "8")),
                                            ("auglocal", ("--aux-depth", "1")),
                                            ("infopro", ("--local-loss", "cross_entropy"))])
 def test_gradient_isolation(method, extra):
@@ -173,7 +174,7 @@ def test_gradient_isolation(method, extra):
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     batch = L.Batch(x, y, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
     owned = lambda k: [p for u in net.units[net.bounds[k][0]:net.bounds[k][1]] for p in u.parameters()] + \
-        (list(method.aux[k].parameters()) if k < net.K - 1 else list(net.fc.parameters()))
+        ([p for part in method.aux_parts(k) for p in part.parameters()] if k < net.K - 1 else list(net.fc.parameters()))
     snap = {}
     clone = lambda g: None if g is None else g.clone()
 
@@ -659,3 +660,82 @@ def test_predsim_local_loss_formula():
 def test_auglocal_predsim_smoke(cifar_dir, method, extra):
     r = L.main(train_args(cifar_dir, "--method", method, *extra))
     assert r["modules"] == (13 if method == "auglocal" else 16) and r["module_acc"][0] is not None
+
+
+# ------------------------------------------------------------------------------------------------ SGR
+
+def test_sgr_term_matches_analytic_gradient_and_finite_differences():
+    torch.manual_seed(0)
+    B = 5
+    h_in = torch.randn(B, 4, dtype=torch.float64, requires_grad=True)
+    W1 = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    W2 = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    y, target = torch.randint(0, 3, (B,)), torch.randn(B, 4, dtype=torch.float64) / B
+
+    def D(w1, kind):
+        logits = h_in @ w1 @ W2
+        return L.sgr_term(F.cross_entropy(logits, y), h_in, target, kind)
+
+    logits = h_in @ W1 @ W2
+    a = (torch.softmax(logits, 1) - F.one_hot(y, 3)) / B @ W2.t() @ W1.t()      # dL/dh_in by hand
+    diff = (a - target) * B
+    assert D(W1, "sq_l2").item() == pytest.approx(diff.pow(2).sum(1).mean().item(), rel=1e-10)
+    assert D(W1, "l2").item() == pytest.approx(diff.norm(dim=1).mean().item(), rel=1e-8)
+    cos = F.cosine_similarity(a, target, dim=1)
+    assert D(W1, "cos").item() == pytest.approx((1 - cos).mean().item(), rel=1e-10)
+    for kind in ("sq_l2", "cos"):                                                 # d D / d W1 by finite differences
+        g, = torch.autograd.grad(D(W1, kind), W1)
+        e = torch.zeros_like(W1)
+        e[1, 2] = 1e-6
+        fd = (D(W1 + e, kind) - D(W1 - e, kind)).item() / 2e-6
+        assert g[1, 2].item() == pytest.approx(fd, rel=1e-5, abs=1e-9)
+
+
+def _grads_after_step(net, m, batch):
+    L.forward_backward(net, m, batch, torch.amp.GradScaler("cpu", enabled=False), torch.autocast("cpu", enabled=False))
+    return {n: p.grad.clone() for n, p in list(net.named_parameters()) + list(m.named_parameters()) if p.grad is not None}
+
+
+def test_sgr_reaches_only_its_module_and_vanishes_at_zero_weight():
+    torch.manual_seed(0)
+    net, m = build_cli("--method", "sgr", "--base", "dgl", "--K", "4", "--sgr-weight", "1")
+    state = ({k: v.clone() for k, v in net.state_dict().items()}, {k: v.clone() for k, v in m.state_dict().items()})
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    batch = L.Batch(x, y, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
+    with_sgr = _grads_after_step(net, m, batch)
+    net.load_state_dict(state[0]), m.load_state_dict(state[1])
+    net.zero_grad(set_to_none=True), m.zero_grad(set_to_none=True)
+    m.weight = 0.0
+    without = _grads_after_step(net, m, batch)
+    net2, dgl = build_cli("--method", "dgl", "--K", "4")                        # the plain base, same weights
+    net2.load_state_dict(state[0])
+    dgl.load_state_dict({k[len("base."):]: v for k, v in state[1].items()})
+    plain = _grads_after_step(net2, dgl, batch)
+    assert set(plain) == {k for k in without if not k.startswith("base.")} | {k[5:] for k in without if k.startswith("base.")}
+    for k, g in without.items():                                               # lambda = 0: bit-identical to DGL
+        assert torch.equal(g, plain[k[5:] if k.startswith("base.") else k])
+    module_of = lambda name: next((j for j, (a, b) in enumerate(net.bounds) if name.startswith("units.") and
+                                   a <= int(name.split(".")[1]) < b), None)
+    for k in with_sgr:
+        j = module_of(k) if k.startswith("units.") else (int(k.split(".")[2]) if k.startswith("base.aux.") else 3)
+        if j == 0:
+            assert torch.equal(with_sgr[k], without[k]), k                     # module 1: no term, untouched
+    changed = lambda pred: any(not torch.equal(with_sgr[k], without[k]) for k in with_sgr if pred(k))
+    for j in (1, 2):
+        assert changed(lambda k: k.startswith("units.") and module_of(k) == j)                # backbone of module j
+        assert changed(lambda k: k.startswith(f"base.aux.{j}."))                              # and its aux net
+    assert changed(lambda k: k.startswith("fc."))                              # the last module gets a term too
+
+
+def test_sgr_zero_weight_trains_exactly_like_base(cifar_dir):
+    a = L.main(train_args(cifar_dir, "--method", "dgl", "--K", "4"))
+    b = L.main(train_args(cifar_dir, "--method", "sgr", "--base", "dgl", "--K", "4", "--sgr-weight", "0"))
+    assert a["history"] == b["history"] and a["module_acc"] == b["module_acc"]
+
+
+@pytest.mark.parametrize("base", ["infopro", "man+dgl", "auglocal"])
+def test_sgr_smoke_and_bad_bases(cifar_dir, base):
+    r = L.main(train_args(cifar_dir, "--method", "sgr", "--base", base, "--aux-depth", "1"))
+    assert 0 <= r["final_acc"] <= 100 and r["modules"] == {"infopro": 16, "man+dgl": 15, "auglocal": 15}[base]
+    with pytest.raises(L.UserError, match="composes with"):
+        build_cli("--method", "sgr", "--base", "bp")
