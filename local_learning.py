@@ -90,8 +90,8 @@ def build_parser():
     a("--arch", default="resnet32", choices=sorted(ARCHS, key=lambda s: (ARCHS[s][0], int(s[6:]))),
       help="backbone: CIFAR ResNets resnet20/32/44/56/110 or torchvision-style ImageNet ResNets")
     a("--base", default=None,
-      help="what an add-on wraps: --method man|mlaan --base infopro|dgl (default infopro); --method sgr --base "
-           "any method, add-ons as a chain, e.g. man+dgl (default infopro)")
+      help="what an add-on wraps: --method man --base infopro|dgl, --method mlaan --base infopro|dgl|greedy "
+           "(default infopro); --method sgr --base any method, add-ons as a chain, e.g. man+dgl (default infopro)")
     a("--K", type=int, default=None, help="number of gradient-isolated modules (default: 1 for bp, else 16)")
     a("--balanced-memory", action="store_true",
       help="InfoPro* split tables (ResNet-110 on cifar10/stl10, K=2,3,4): fewer blocks in early modules")
@@ -803,6 +803,28 @@ def similarity_matrix(x):
     return (x @ x.t()).clamp(-1, 1)
 
 
+class MLAANDGLAux(nn.Module):
+    """The DGL-style head of the MAN group, as MLAAN's DGL base uses it (C -> 128 -> MLP 512; no pooling first):
+    3 x [1x1 conv (no bias) -> BN -> ReLU] (C -> 128 -> 128 -> 128) -> GAP -> Linear 128 -> 512 -> BN1d -> ReLU
+    -> 2 x [Linear 512 -> 512 -> BN1d -> ReLU] -> Linear 512 -> classes.  635,146 / 637,194 / 641,290 params
+    at C = 16 / 32 / 64 (10 classes)."""
+
+    def __init__(self, c, num_classes, width=128, hidden=512):
+        super().__init__()
+        convs, cin = [], c
+        for _ in range(3):
+            convs += [nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            cin = width
+        mlp, fin = [], width
+        for _ in range(3):
+            mlp += [nn.Linear(fin, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+            fin = hidden
+        self.convs, self.mlp = nn.Sequential(*convs), nn.Sequential(*mlp, nn.Linear(hidden, num_classes))
+
+    def forward(self, h):
+        return self.mlp(torch.flatten(F.adaptive_avg_pool2d(self.convs(h), 1), 1))
+
+
 # =============================================================================================================
 # 5. Methods
 # =============================================================================================================
@@ -812,6 +834,8 @@ def similarity_matrix(x):
 #     loss, logits = method.local_loss(k, z, batch)
 #     ...backward...
 #     method.after_backward(k)            hook: e.g. EMA updates, right after module k's backward
+# and also start_module (before module k runs), final_loss (the last module's loss) and backward (how a module's
+# loss is backpropagated: SGR adds its term there).
 # `needs_input_grad` asks the step to hand module k an input that requires grad (gradient-based add-ons).
 # Adding a method = one class here + @register.
 
@@ -889,8 +913,16 @@ class LocalMethod(nn.Module):
         logits = self.aux[k](z)
         return F.cross_entropy(logits, batch.y), logits
 
+    def start_module(self, k, h_in):
+        """Hook: module k is about to run on the (detached) input h_in."""
+
+    def final_loss(self, k, h, batch, net):
+        """Loss of the last module: the network's own head and cross-entropy."""
+        logits = net.head(h)
+        return F.cross_entropy(logits, batch.y), logits
+
     def after_backward(self, k):
-        pass
+        """Hook: module k's backward is done (every module, the last one included)."""
 
     def backward(self, k, loss, h_in, h_out, scaler):
         """Backpropagate module k's loss (SGR adds its gradient-reconciliation term here)."""
@@ -954,6 +986,16 @@ INFOPRO_LAMBDAS = {
     ("svhn", "resnet110", 2, False): (1, 0.1, 0, 0), ("svhn", "resnet110", 4, False): (5, 0, 0.5, 1),
     ("svhn", "resnet110", 8, False): (5, 0, 0.5, 2), ("svhn", "resnet110", 16, False): (5, 0.2, 0.5, 1),
 }
+
+
+def resolve_lambdas(args, defaults, source):
+    """(ixx_1, ixy_1, ixx_2, ixy_2): the flags given on the command line, the rest from `defaults`; and a note
+    saying where they came from."""
+    given = [getattr(args, n) for n in ("ixx_1", "ixy_1", "ixx_2", "ixy_2")]
+    values = tuple(d if v is None else v for v, d in zip(given, defaults))
+    note = source if all(v is None for v in given) else "command line" + \
+        ("" if all(v is not None for v in given) else f" (the others: {source})")
+    return values, note
 
 
 def interpolate_lambdas(lambdas, r):
@@ -1021,11 +1063,7 @@ class InfoPro(LocalMethod):
         self.weights = interpolate_lambdas(self.lambdas_all, [k / (n - 1) if n > 1 else 0.0 for k in range(n)])
 
     def set_lambdas(self, args, defaults, source):
-        """(ixx_1, ixy_1, ixx_2, ixy_2): the flags given on the command line, the rest from `defaults`."""
-        given = [getattr(args, n) for n in ("ixx_1", "ixy_1", "ixx_2", "ixy_2")]
-        self.lambdas_all = tuple(d if v is None else v for v, d in zip(given, defaults))
-        self.lambda_source = source if all(v is None for v in given) else "command line" + \
-            ("" if all(v is not None for v in given) else f" (the others: {source})")
+        self.lambdas_all, self.lambda_source = resolve_lambdas(args, defaults, source)
 
     def summary(self):
         w = ", ".join(f"({a:g},{b:g})" for a, b in self.weights)
@@ -1108,8 +1146,7 @@ class PredSim(LocalMethod):
 
     def __init__(self, net, args, num_classes, shapes=None):
         super().__init__(net, args, num_classes, shapes)
-        given = [getattr(args, n) for n in ("ixx_1", "ixy_1", "ixx_2", "ixy_2")]
-        lam = tuple(d if v is None else v for v, d in zip(given, (0.99, 0.01, 0.99, 0.01)))
+        lam, _ = resolve_lambdas(args, (0.99, 0.01, 0.99, 0.01), "official commands")
         n, self.num_classes = len(self.aux), num_classes
         self.weights = interpolate_lambdas(lam, [k / (n - 1) if n > 1 else 0.0 for k in range(n)])
 
@@ -1205,6 +1242,12 @@ class AddOn(LocalMethod):
     def after_backward(self, k):
         self.base.after_backward(k)
 
+    def start_module(self, k, h_in):
+        self.base.start_module(k, h_in)
+
+    def final_loss(self, k, h, batch, net):
+        return self.base.final_loss(k, h, batch, net)
+
     def backward(self, k, loss, h_in, h_out, scaler):
         self.base.backward(k, loss, h_in, h_out, scaler)
 
@@ -1279,7 +1322,181 @@ class MAN(AddOn):
         return self.lb[k](h) + self.ema[k](h)
 
     def after_backward(self, k):
-        ema_update(self.ema[k], self.tracked[k], self.decay)
+        if k < self.n_modules - 1:
+            ema_update(self.ema[k], self.tracked[k], self.decay)
+
+
+# MLAAN's leap chains (its configAuxPlus_new tables): for boundary i, the backbone blocks ("stage.block") whose
+# copies form the aux network, keyed by (arch, modules actually built). Written as (repeat, chain) runs.
+MLAAN_CHAINS = {
+    ("resnet32", 15): [(2, "2.0 3.0 3.2 3.4"), (1, "2.0 3.0 3.3 3.4"), (1, "2.0 3.0 3.2 3.4"), (1, "2.0 3.0 3.3 3.4"),
+                       (5, "3.0 3.2 3.3 3.4"), (1, "3.1 3.2 3.4"), (1, "3.2 3.3 3.4"), (1, "3.3 3.4"), (1, "3.4")],
+    ("resnet32", 8): [(2, "2.0 3.0 3.2 3.4"), (1, "2.0 3.0 3.3 3.4"), (2, "3.0 3.2 3.3 3.4"), (1, "3.2 3.3 3.4"),
+                      (1, "3.3 3.4")],
+    ("resnet110", 32): [(11, "2.0 3.0 3.2 3.17"), (10, "3.0 3.2 3.3 3.17"), (1, "3.0 3.3 3.4 3.17"), (4, "3.8 3.17"),
+                        (2, "3.14 3.17"), (1, "3.15 3.17"), (1, "3.16 3.17"), (1, "3.17")],
+    ("resnet110", 54): [(18, "2.0 3.0 3.2 3.17"), (17, "3.0 3.2 3.3 3.17"), (1, "3.0 3.3 3.4 3.17"), (7, "3.8 3.17"),
+                        (4, "3.14 3.17"), (2, "3.15 3.17"), (3, "3.16 3.17"), (1, "3.17")],
+}
+
+
+@register
+class MLAAN(AddOn):
+    """MLAAN, Multilaminar Leap Augmented Auxiliary Network (Zhang et al., AAAI 2025, arXiv 2406.16633; official
+    code Wendy231015/MLAAN). Three parts per boundary i (loss only for i >= D-1, D = cascade depth):
+
+    1. independent aux net ("local" features): a head on module i's own output x_i = E_i(sg(x_{i-1}));
+    2. cascade aux net ("global" features): the last D modules are re-run from the detached input of module
+       i-D+1, y = E_i(...E_{i-D+1}(sg(x_{i-D}))) (same values as x_i, but its graph reaches D-1 modules back --
+       the "multilaminar" coupling; nothing reaches further), then the leap chain, then a head;
+    3. Leap Augmented Module: the leap chain is trainable copies of a few hand-picked later blocks
+       (MLAAN_CHAINS), always ending with the last block; its first block runs as Aug(y) + EMA(y), EMA being a
+       gradient-free copy updated  ema <- m ema + (1 - m) block  (parameters only), like MAN's.
+
+        L_i = 0.001 * loss_base(indep head(x_i)) + 0.999 * loss_base(cascade head(chain(y)))
+        L_last = CE(FC(GAP(y_last)))   (the last module's loss also goes through the cascade)
+
+    Bases, as the official files: greedy = resnetMLAAN.py, the model the official train.py builds (GAP+Linear
+    heads, CE, D = 2); dgl = resnetDGLbin.py (MLAANDGLAux heads, CE, D = 3); infopro = resnetInfoProbin.py
+    (decoder + classifier on both branches, D = 3; the independent classifier is always 1c2f SupCon (a quirk
+    kept), the cascade one --aux-config / --local-loss (default 1c2f CE); weights (a, b) of recon / task with
+    r_i = s_i / (M - 2), s_i = stage of module i's last block, M = modules built; default lambdas 5, 0.5, 0, 0).
+    Reproduced quirks: the stem merges into module 1 (ResNet-32 K=16 -> 15 modules, ResNet-110 K=55 -> 54);
+    no loss before boundary D-1; copies start equal to the freshly initialised blocks; the official CIFAR code
+    updates only the LAST boundary's EMA, after the final backward (--mlaan-ema last, default; `all` updates
+    every boundary's EMA once, after its own backward, as the paper describes); BN statistics of
+    re-run blocks are updated once per run. Fixed: EMA decay defaults to 0.995 (official default 1.0 freezes it);
+    the InfoPro base's EMA copies get no gradient (the official InfoPro file forgot to freeze them); only the
+    parts that are used are built (the official constructors also build hundreds of dead heads)."""
+    name = "mlaan"
+    bases, default_base = ("infopro", "dgl", "greedy"), "infopro"
+    W_INDEP, W_CASCADE = 0.001, 0.999
+
+    @staticmethod
+    def add_args(p):
+        p.add_argument("--mlaan-ema", default="last", choices=["last", "all"],
+                       help="MLAAN: EMA-update only the last boundary's copy (official CIFAR code) or every one")
+        p.add_argument("--mlaan-depth", type=int, default=None,
+                       help="MLAAN: modules re-run by the cascade branch (default: 2 on greedy, 3 on dgl/infopro)")
+
+    @classmethod
+    def adjust_ends_own(cls, ends, args):
+        return [e for e in ends if e != 0]                 # the stem is trained with module 1, as in MAN
+
+    @classmethod
+    def check(cls, net, args):
+        super().check(net, args)
+        if (net.arch, net.K) not in MLAAN_CHAINS:
+            raise UserError(f"--method mlaan: leap tables exist for resnet32 K=8,16 and resnet110 K=32,55 "
+                            f"(got {net.arch} K={args.K})")
+
+    def __init__(self, net, args, num_classes, shapes=None, chain=None):
+        LocalMethod.__init__(self, net, args, num_classes, shapes=[])
+        self.kind = split_chain(chain or args.base)[0]
+        self.depth = args.mlaan_depth or (2 if self.kind == "greedy" else 3)
+        if self.depth < 1:
+            raise UserError("--mlaan-depth must be >= 1")
+        self.decay, self.ema_all, self.net_ref = args.ema_decay, args.mlaan_ema == "all", [net]
+        if self.kind == "infopro":
+            for k, v in dict(aux_config="1c2f", local_loss="cross_entropy").items():
+                if getattr(args, k) is None:
+                    setattr(args, k, v)
+        M, pos = net.K, {unit_position(net.arch, u): u for u in range(len(net.units))}
+        chains = [[pos[tuple(map(int, b.split(".")))] for b in c.split()] for n, c in MLAAN_CHAINS[(net.arch, M)]
+                  for _ in range(n)]
+        self.first = self.depth - 1                         # first boundary with a loss
+        live = range(self.first, M - 1)
+        self.chain_units = {i: chains[i] for i in live}
+        shape = lambda i: net.unit_shapes[net.ends[i]]
+        # Built after the backbone's init and not re-initialised: the copies start equal to the current blocks.
+        self.aug = nn.ModuleDict({str(i): nn.Sequential(*[copy.deepcopy(net.units[u]) for u in chains[i]]) for i in live})
+        self.ema = nn.ModuleDict({str(i): copy.deepcopy(net.units[chains[i][0]]) for i in live})
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.indep = nn.ModuleDict({str(i): self._head(shape(i)[0], num_classes, args, independent=True) for i in live})
+        c_last = net.unit_shapes[-1][0]
+        self.cascade = nn.ModuleDict({str(i): self._head(c_last, num_classes, args, independent=False) for i in live})
+        init_weights(self.indep)
+        init_weights(self.cascade)
+        if self.kind == "infopro":
+            self.lambdas_all, self.lambda_source = resolve_lambdas(args, (5, 0.5, 0, 0), "MLAAN README command")
+            stages = [unit_position(net.arch, net.ends[i])[0] for i in range(M - 1)]
+            self.weights = interpolate_lambdas(self.lambdas_all, [s / (M - 2) if M > 2 else 0.0 for s in stages])
+        self.inputs = []
+
+    def _head(self, c, num_classes, args, independent):
+        if self.kind == "greedy":
+            return GreedyAux(c, num_classes)
+        if self.kind == "dgl":
+            return MLAANDGLAux(c, num_classes)
+        cfg, mode = ("1c2f", "contrast") if independent else (args.aux_config, args.local_loss)
+        return nn.ModuleDict(dict(decoder=Decoder(c, self.image_size, args.aux_widen),
+                                  head=AuxClassifier(c, cfg, mode, num_classes, args.aux_widen, args.aux_feature_dim)))
+
+    def summary(self):
+        s = f"base {self.kind}, cascade depth {self.depth}, EMA decay {self.decay} ({'all' if self.ema_all else 'last'})"
+        return s + (f"; lambdas {self.lambdas_all} [{self.lambda_source}]" if self.kind == "infopro" else "")
+
+    def aux_parts(self, k):
+        key = str(k)
+        return [d[key] for d in (self.aug, self.ema, self.indep, self.cascade) if key in d]
+
+    def aux_shape(self, k):
+        return self.net_ref[0].unit_shapes[self.net_ref[0].ends[k]]
+
+    def aux_note(self, k, arch):
+        if k < self.first:
+            return "(no loss: trained by the next modules' cascade)"
+        return "leap " + ",".join(unit_name(arch, u) for u in self.chain_units[k])
+
+    def aux_input(self, k, h):
+        return h
+
+    def start_module(self, k, h_in):
+        self.inputs = (self.inputs + [h_in])[-self.depth:]  # the detached inputs of the last D modules
+
+    def _cascade(self, k):
+        """Re-run modules k-D+1..k from the detached input of the first one (same values, longer graph)."""
+        net, y = self.net_ref[0], self.inputs[0]
+        for j in range(k - len(self.inputs) + 1, k + 1):
+            y = net.run(y, j)
+        return y
+
+    def _loss(self, head, z, batch, k, independent):
+        if self.kind != "infopro":
+            logits = head(z)
+            return F.cross_entropy(logits.float(), batch.y), logits
+        a, b = self.weights[k]
+        out = head["head"](z)
+        task = supcon_loss(out, batch.y) if independent else F.cross_entropy(out.float(), batch.y)
+        recon = F.binary_cross_entropy_with_logits(head["decoder"](z).float(), batch.x01()) if a else 0.0
+        return a * recon + b * task, None if independent else out
+
+    def local_loss(self, k, z, batch):
+        if k < self.first:
+            return z.new_zeros(()).float(), None
+        key = str(k)
+        y = self._cascade(k)
+        aug = self.aug[key]
+        u = aug[0](y) + self.ema[key](y)
+        for blk in list(aug)[1:]:
+            u = blk(u)
+        l_x, _ = self._loss(self.indep[key], z, batch, k, True)
+        l_y, logits = self._loss(self.cascade[key], u, batch, k, False)
+        return self.W_INDEP * l_x + self.W_CASCADE * l_y, logits
+
+    def final_loss(self, k, h, batch, net):
+        logits = net.head(self._cascade(k))                 # the official last loss uses the cascade chain
+        return F.cross_entropy(logits, batch.y), logits
+
+    def after_backward(self, k):
+        last = self.n_modules - 1
+        for i in ([k] if k < last else []) if self.ema_all else ([last - 1] if k == last else []):
+            if str(i) in self.ema:
+                ema_update(self.ema[str(i)], self.net_ref[0].units[self.chain_units[i][0]], self.decay)
+
+    def backward(self, k, loss, h_in, h_out, scaler):
+        LocalMethod.backward(self, k, loss, h_in, h_out, scaler)
 
 
 def sgr_distance(a, b, kind):
@@ -1466,16 +1683,15 @@ def forward_backward(net, method, batch, scaler, autocast, on_module_done=None):
         h_in = h.detach()
         if k > 0 and method.needs_input_grad:
             h_in.requires_grad_(True)
+        method.start_module(k, h_in)
         with autocast:
             h = net.run(h_in, k)
             if k < K - 1:
                 loss, logits = method.local_loss(k, method.aux_input(k, h), batch)
             else:
-                logits = net.head(h)
-                loss = F.cross_entropy(logits, y)
+                loss, logits = method.final_loss(k, h, batch, net)
         method.backward(k, loss, h_in, h, scaler)
-        if k < K - 1:
-            method.after_backward(k)
+        method.after_backward(k)
         if on_module_done is not None:
             on_module_done(k)
         losses.append(loss.detach().float())

@@ -739,3 +739,75 @@ def test_sgr_smoke_and_bad_bases(cifar_dir, base):
     assert 0 <= r["final_acc"] <= 100 and r["modules"] == {"infopro": 16, "man+dgl": 15, "auglocal": 15}[base]
     with pytest.raises(L.UserError, match="composes with"):
         build_cli("--method", "sgr", "--base", "bp")
+
+
+# ------------------------------------------------------------------------------------------------ MLAAN
+
+@pytest.mark.parametrize("base, arch, K, modules, total", [
+    # parameters the official constructors use in a training step (they also build unused heads; spec)
+    ("greedy", "resnet32", 16, 15, 4_068_126), ("dgl", "resnet32", 16, 15, 19_172_042),
+    ("infopro", "resnet32", 16, 15, 5_061_466), ("greedy", "resnet32", 8, 8, 2_135_314),
+    ("dgl", "resnet32", 8, 8, 8_292_926), ("infopro", "resnet32", 8, 8, 2_423_866),
+    ("greedy", "resnet110", 32, 32, 9_743_986), ("greedy", "resnet110", 55, 54, 15_547_722),
+])
+def test_mlaan_parameter_counts(base, arch, K, modules, total):
+    net, m = build_cli("--method", "mlaan", "--base", base, "--arch", arch, "--K", str(K))
+    assert net.K == modules and n_params(net) + n_params(m) == total
+
+
+def test_mlaan_leap_chains_heads_and_weights():
+    net, m = build_cli("--method", "mlaan")
+    assert m.depth == 3 and m.first == 2 and sorted(map(int, m.aug)) == list(range(2, 14))
+    name = lambda units: [L.unit_name("resnet32", u) for u in units]
+    assert name(m.chain_units[2]) == ["L2.0", "L3.0", "L3.3", "L3.4"]
+    assert name(m.chain_units[13]) == ["L3.4"]
+    assert all(torch.equal(a, b) for a, b in zip(m.ema["5"].parameters(), net.units[11].parameters()))  # copies
+    assert n_params(m.indep["2"]["head"]) == 25_408 and n_params(m.cascade["2"]["head"]) == 46_602
+    assert m.weights[2] == pytest.approx((5 * 12 / 13, 0.5 * 12 / 13))                # r = stage / (M - 2)
+    assert m.weights[12] == pytest.approx((5 * 10 / 13, 0.5 * 10 / 13))
+    _, g = build_cli("--method", "mlaan", "--base", "greedy")
+    assert g.depth == 2 and n_params(g.cascade["1"]) == 650
+    assert [n_params(L.MLAANDGLAux(c, 10)) for c in (16, 32, 64)] == [635_146, 637_194, 641_290]
+    with pytest.raises(L.UserError, match="leap tables"):
+        build_cli("--method", "mlaan", "--K", "4")
+
+
+@pytest.mark.parametrize("mode", ["last", "all"])
+def test_mlaan_ema_updates_and_gradient_window(mode):
+    torch.manual_seed(0)
+    net, m = build_cli("--method", "mlaan", "--base", "greedy", "--K", "8", "--ema-decay", "0.9", "--mlaan-ema", mode)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    batch = L.Batch(x, y, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
+    with torch.no_grad():                                   # make the tracked blocks differ from their copies
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    before = {i: [p.clone() for p in e.parameters()] for i, e in m.ema.items()}
+    target = {i: [p.clone() for p in net.units[m.chain_units[int(i)][0]].parameters()] for i in m.ema}
+    module_params = lambda k: [p for u in net.units[net.bounds[k][0]:net.bounds[k][1]] for p in u.parameters()]
+    snap = {}
+    L.forward_backward(net, m, batch, torch.amp.GradScaler("cpu", enabled=False), torch.autocast("cpu", enabled=False),
+                       on_module_done=lambda k: snap.__setitem__(k, [None if p.grad is None else p.grad.clone()
+                                                                     for j in range(net.K) for p in module_params(j)]))
+    last = str(net.K - 2)
+    for i, e in m.ema.items():
+        updated = mode == "all" or i == last
+        for p, p0, t in zip(e.parameters(), before[i], target[i]):
+            assert p.grad is None and not p.requires_grad
+            assert torch.allclose(p, 0.9 * p0 + 0.1 * t) if updated else torch.equal(p, p0)
+    assert all(p.grad is not None for p in m.aug[last].parameters())
+    # Gradient window: module k's gradients are final once module k + D - 1 (D = 2) has run its backward.
+    offsets = [0] + list(np.cumsum([len(module_params(j)) for j in range(net.K)]))
+    for k in range(net.K):
+        done = min(k + 1, net.K - 1)
+        final = [p.grad for p in module_params(k)]
+        later = snap[done][offsets[k]:offsets[k + 1]]
+        assert all(a is not None and torch.equal(a, b) for a, b in zip(later, final))
+        if k + 2 <= net.K - 1 and k >= 1:                  # ...but not before: the next module's loss reaches it
+            own = snap[k][offsets[k]:offsets[k + 1]]
+            assert any(a is None or not torch.equal(a, b) for a, b in zip(own, final))
+
+
+@pytest.mark.parametrize("base", ["infopro", "dgl", "greedy"])
+def test_mlaan_smoke(cifar_dir, base):
+    r = L.main(train_args(cifar_dir, "--method", "mlaan", "--base", base))
+    assert r["modules"] == 15 and 0 <= r["final_acc"] <= 100
