@@ -84,6 +84,7 @@ def build_parser():
       help="--dataset folder only: normalisation + augmentation recipe (cifar10: CIFAR mean/std, reflect-pad 4, "
            "flip; half: mean=std=0.5, zero-pad 4, flip (STL-10's); imagenet: ImageNet mean/std). "
            "Default: inferred from image size (<=32 px cifar10, <=96 px half, else imagenet)")
+    a("--test-subset", type=int, default=0, help="evaluate on the first N test images only (0 = all)")
     a("--subset", type=int, default=0, help="train on the first N training images only (0 = all; for folder "
       "trees, which list images class by class, N images drawn with a fixed seed)")
     a("--no-augment", action="store_true", help="disable training augmentation (crop/flip)")
@@ -115,6 +116,11 @@ def build_parser():
     a("--save", default=None, help="checkpoint path, written atomically after every epoch")
     a("--resume", default=None, help="checkpoint to resume from (same command line otherwise)")
     a("--out", default=None, help="append the final JSON line to this file (e.g. results.jsonl)")
+    a("--report", default=None, metavar="RESULTS",
+      help="render a results.jsonl (from --out / run_all.sh) as Markdown tables in the papers' layout, then exit")
+    a("--report-run", type=int, default=None, metavar="LINE",
+      help="--report: line number (1-based) of the run whose per-module accuracies are tabulated (default: "
+           "the last run with the most modules)")
     for cls in METHODS.values():
         if "add_args" in cls.__dict__:  # flags shared by a method family are declared once, by its base
             cls.add_args(p)
@@ -241,7 +247,7 @@ def load_torchvision(name, root, allow_download):
     We read the files ourselves (a few lines each) instead of through the dataset classes: it is faster than
     building PIL images, and it loads any copy in the same format (md5 is checked on download, not on load)."""
     sub, files = TV_FILES[name]
-    folder = os.path.join(root, sub)
+    folder = os.path.join(root, sub) if sub else root
     missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
     if missing and allow_download:
         try:
@@ -404,6 +410,9 @@ def load_data(args, spec, device, gen):
         if args.subset:
             train.samples = train.samples[:args.subset]
             train.targets = [t for _, t in train.samples]
+        if args.test_subset:
+            val.samples = val.samples[:args.test_subset]
+            val.targets = [t for _, t in val.samples]
         mk = lambda ds, tr: HostLoader(ds, spec, args.batch_size, tr, not args.no_augment, args.workers,
                                        args.seed, device, cl)
         return mk(train, True), mk(val, False)
@@ -413,6 +422,8 @@ def load_data(args, spec, device, gen):
     else:
         train, test = load_torchvision(spec.name, args.data_dir, not args.no_download)
     (xtr, ytr), (xte, yte) = train, test
+    if args.test_subset:
+        xte, yte = xte[:args.test_subset], yte[:args.test_subset]
     if args.subset:
         if spec.name == "folder":  # ImageFolder lists images class by class: take a fixed shuffle first
             keep = np.random.default_rng(0).permutation(len(ytr))[:args.subset]
@@ -1777,7 +1788,7 @@ def resolve_config(args):
     args.batch_size = args.batch_size or spec.batch
     args.lr = spec.lr if args.lr is None else args.lr
     args.epochs = spec.epochs if args.epochs is None else args.epochs
-    for name in ("batch_size", "epochs", "bench", "subset", "mem_iters"):
+    for name in ("batch_size", "epochs", "bench", "subset", "test_subset", "mem_iters"):
         if getattr(args, name) < (1 if name in ("batch_size", "epochs") else 0):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     return spec
@@ -1906,7 +1917,7 @@ def run(args):
 
     last = history[-1] if history else {}
     result = dict(method=args.method, dataset=args.dataset, arch=args.arch, K=args.K, modules=K, seed=args.seed,
-                  epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=str(device),
+                  epochs=args.epochs, base=args.base, batch_size=args.batch_size, lr=args.lr, device=str(device),
                   final_acc=last.get("test_acc"), best_acc=best, module_acc=last.get("aux_acc"),
                   act_peak_bytes=max((h["act_peak_bytes"] for h in history), default=None),
                   cuda_peak_alloc=last.get("cuda_peak_alloc"), cuda_peak_reserved=last.get("cuda_peak_reserved"),
@@ -1945,7 +1956,8 @@ def bench(args, spec, net, method, opt, scaler, autocast, spec_t, params, device
         scaler.update()
     sync()
     secs = time.time() - t0
-    result = dict(bench=True, method=args.method, arch=args.arch, K=args.K, modules=net.K, batch=args.batch_size,
+    result = dict(bench=True, method=args.method, base=args.base, arch=args.arch, K=args.K, modules=net.K,
+                  batch=args.batch_size,
                   dataset=args.dataset, image_size=spec.size, device=str(device),
                   threads=torch.get_num_threads(), iters=args.bench, img_s=args.bench * args.batch_size / secs,
                   act_peak_bytes=meter.peak, act_peak_mib=round(meter.peak / MiB, 2), **state_bytes(params, opt))
@@ -1964,9 +1976,91 @@ def emit(result, out):
             f.write(line + "\n")
 
 
+def report(path, run_line=None):
+    """Markdown tables from a results file: test error (mean +- std over seeds) per method x arch/K, peak memory
+    and throughput against BP of the same arch, and one run's per-module aux accuracies."""
+    try:
+        with open(path) as f:
+            lines = [(i + 1, json.loads(l)) for i, l in enumerate(f) if l.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"--report {path}: {e}")
+    runs = [(i, r) for i, r in lines if not r.get("bench") and r.get("final_acc") is not None]
+    if not runs:
+        raise UserError(f"--report {path}: no training runs in the file")
+    label = lambda r: r["method"] + (f"+{r['base']}" if r.get("base") else "")
+    mean_std = lambda v: (sum(v) / len(v), (sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1)) ** 0.5
+                          if len(v) > 1 else 0.0)
+    order = list(dict.fromkeys(["bp", "greedy", "dgl", "predsim", "infopro", "auglocal"] +
+                               sorted({label(r) for _, r in runs})))
+    out = []
+    for ds in dict.fromkeys(r["dataset"] for _, r in runs):
+        rs = [r for _, r in runs if r["dataset"] == ds]
+        cols = sorted({(r["arch"], r["K"]) for r in rs if r["method"] != "bp"} or {(r["arch"], 1) for r in rs},
+                      key=lambda c: (int(c[0][6:]), c[1]))
+        groups = {}
+        for r in rs:   # BP does not depend on K: its K=1 runs fill every column of their arch
+            for c in cols if r["method"] == "bp" else [(r["arch"], r["K"])]:
+                if c[0] == r["arch"]:
+                    groups.setdefault((label(r), c), []).append(r)
+        epochs = sorted({r["epochs"] for r in rs})
+        head = "| method | " + " | ".join(f"{a} K={k}" for a, k in cols) + " |"
+        sep = "|---|" + "---|" * len(cols)
+        out += [f"### {ds}: test error (%), mean ± std over seeds (final epoch; epochs {epochs})", "", head, sep]
+        for m in order:
+            cells = []
+            for c in cols:
+                g = groups.get((m, c))
+                if g:
+                    mu, sd = mean_std([100 - r["final_acc"] for r in g])
+                    cells.append(f"{mu:.2f} ± {sd:.2f} (n={len(g)})")
+                else:
+                    cells.append("")
+            if any(cells):
+                out.append(f"| {m} | " + " | ".join(cells) + " |")
+        out += ["", f"### {ds}: peak memory and throughput (vs BP of the same arch)", "",
+                "| method | arch | K | peak memory | saved vs BP | img/s | overhead vs BP |", "|---|---|---|---|---|---|---|"]
+
+        def mem(r):   # CUDA allocator peak when there is one; else the meter's activations + params/grads/state
+            if r.get("cuda_peak_alloc"):
+                return r["cuda_peak_alloc"]
+            return r["act_peak_bytes"] + r["param_bytes"] + r["grad_bytes"] + r["opt_state_bytes"]
+
+        bp = {a: [r for r in rs if r["method"] == "bp" and r["arch"] == a] for a, _ in cols}
+        for m in order:
+            for a, k in cols:
+                g = groups.get((m, (a, k)))
+                if not g or (m == "bp" and k != min(kk for aa, kk in cols if aa == a)):
+                    continue
+                gb, ips = sum(map(mem, g)) / len(g) / 1e9, sum(r["train_img_s"] for r in g) / len(g)
+                saved = over = ""
+                if bp[a] and m != "bp":
+                    b_gb = sum(map(mem, bp[a])) / len(bp[a]) / 1e9
+                    b_ips = sum(r["train_img_s"] for r in bp[a]) / len(bp[a])
+                    saved, over = f"{100 * (1 - gb / b_gb):.1f} %", f"{100 * (b_ips / ips - 1):+.1f} %"
+                out.append(f"| {m} | {a} | {'1' if m == 'bp' else k} | {gb:.3f} GB | {saved} | {ips:.0f} | {over} |")
+        devices = sorted({r.get("device", "?") for r in rs})
+        out += ["", f"Memory: CUDA max_memory_allocated where measured, else activation peak + parameters + "
+                f"gradients + optimizer state (device: {', '.join(devices)}); GB = 1e9 bytes.", ""]
+    with_mod = [(i, r) for i, r in runs if r.get("module_acc")]
+    if with_mod:
+        i, r = next(((i, r) for i, r in with_mod if i == run_line), None) or \
+            max(with_mod, key=lambda t: (len(t[1]["module_acc"]), t[0]))
+        out += [f"### Per-module aux accuracy on training batches (line {i}: {label(r)}, {r['dataset']}, {r['arch']} "
+                f"K={r['K']}, seed {r['seed']})", "", "| module | " + " | ".join(str(j) for j in
+                range(len(r["module_acc"]))) + " | final |", "|---|" + "---|" * (len(r["module_acc"]) + 1),
+                "| acc % | " + " | ".join("-" if a is None else f"{a:.1f}" for a in r["module_acc"]) +
+                f" | {r['history'][-1]['train_acc']:.1f} |", ""]
+    text = "\n".join(out)
+    print(text)
+    return text
+
+
 def main(argv=None):
     try:
-        return run(parse_args(argv))
+        args = parse_args(argv)
+        if args.report:
+            return report(args.report, args.report_run)
+        return run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -811,3 +811,49 @@ def test_mlaan_ema_updates_and_gradient_window(mode):
 def test_mlaan_smoke(cifar_dir, base):
     r = L.main(train_args(cifar_dir, "--method", "mlaan", "--base", base))
     assert r["modules"] == 15 and 0 <= r["final_acc"] <= 100
+
+
+# ------------------------------------------------------------------------------------------------ report, run_all.sh
+
+def _result(method, seed, acc, K=16, base=None, img_s=100.0, act=1e8, modules=None):
+    return dict(method=method, dataset="cifar10", arch="resnet32", K=K, modules=modules or K, seed=seed, epochs=160,
+                base=base, final_acc=acc, best_acc=acc, module_acc=[50.0] * ((modules or K) - 1), act_peak_bytes=act,
+                param_bytes=0, grad_bytes=0, opt_state_bytes=0, cuda_peak_alloc=None, train_img_s=img_s,
+                device="cpu", history=[dict(epoch=160, loss=0.1, train_acc=99.0, test_acc=acc)])
+
+
+def test_report_renders_papers_layout(tmp_path, capsys):
+    rows = [_result("bp", 0, 93.0, K=1, img_s=200, act=4e8), _result("bp", 1, 92.0, K=1, img_s=200, act=4e8),
+            _result("dgl", 0, 85.0, act=1e8, img_s=100), _result("dgl", 1, 87.0, act=1e8, img_s=100),
+            _result("man", 0, 90.0, K=16, base="dgl", modules=15, act=2e8, img_s=50),
+            {"bench": True, "method": "bp", "img_s": 1.0}]
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    text = L.main(["--report", str(path)])
+    lines = text.splitlines()
+    assert "| method | resnet32 K=16 |" in lines
+    assert "| bp | 7.50 ± 0.71 (n=2) |" in lines                       # BP's K=1 runs fill the K=16 column
+    assert "| dgl | 14.00 ± 1.41 (n=2) |" in lines
+    assert "| man+dgl | 10.00 ± 0.00 (n=1) |" in lines
+    assert "| bp | resnet32 | 1 | 0.400 GB |  | 200 |  |" in lines
+    assert "| dgl | resnet32 | 16 | 0.100 GB | 75.0 % | 100 | +100.0 % |" in lines
+    assert "| man+dgl | resnet32 | 16 | 0.200 GB | 50.0 % | 50 | +300.0 % |" in lines
+    assert any(l.startswith("### Per-module aux accuracy") and "line 4: dgl" in l for l in lines)
+    assert text in capsys.readouterr().out
+
+
+def test_run_all_quick_smoke(cifar_dir, tmp_path):
+    env = dict(os.environ, QUICK="1", METHODS="bp dgl", DATASETS="cifar10", GRID="resnet32:4", DATA_DIR=cifar_dir,
+               RESULTS_QUICK=str(tmp_path / "q.jsonl"), PYTHON=sys.executable)
+    r = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = [json.loads(l) for l in (tmp_path / "q.jsonl").read_text().splitlines()]
+    assert [(x["method"], x["K"]) for x in runs] == [("bp", 1), ("dgl", 4)]
+    again = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert "0 run(s) made, 2 already" in again.stdout and len((tmp_path / "q.jsonl").read_text().splitlines()) == 2
+    env.update(DATA_DIR=str(tmp_path / "nothing"), EXTRA="--no-download")
+    missing = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], env=dict(env, RESULTS_QUICK=str(tmp_path / "m")),
+                             capture_output=True, text=True, timeout=600)
+    assert missing.returncode != 0 and "data_batch_1" in missing.stderr and "stopped" in missing.stderr
