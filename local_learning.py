@@ -701,7 +701,9 @@ class Decoder(nn.Module):
                                  nn.Conv2d(hid, 3, 3, 1, 1))
 
     def forward(self, h):
-        return self.net(F.interpolate(h, size=(self.size, self.size), mode="bilinear", align_corners=True))
+        if h.shape[-2:] != (self.size, self.size):  # (resizing to the same size is the identity: skipped)
+            h = F.interpolate(h, size=(self.size, self.size), mode="bilinear", align_corners=True)
+        return self.net(h)
 
 
 class AuxClassifier(nn.Module):
