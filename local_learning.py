@@ -16,20 +16,26 @@ Module k runs forward -> local loss -> backward -> detach before module k+1 runs
 module k's activations first: peak activation memory is that of the largest module (plus its aux net), not of
 the whole network. All modules and aux nets then take one shared SGD step.
 
-Methods (--method)
-------------------
+Methods (--method; add-ons take --base, and chain: --method sgr --base man+dgl)
+---------------------------------------------------------------------------------
     bp        end-to-end backpropagation (K = 1), the baseline every paper compares with
-    greedy    Greedy supervised layer-wise learning: aux = GAP -> Linear, cross-entropy
+    greedy    Greedy supervised local learning: aux = GAP -> Linear, cross-entropy
     dgl       Decoupled Greedy Learning (Belilovsky et al., ICML 2020): the official "MLP-SR" aux net, CE
-    (InfoPro / InfoPro*, AugLocal, PredSim and the MAN / MLAAN / SGR add-ons plug into the same training step;
-     see the "methods" section -- a method is one small class.)
+    predsim   PredSim (Noekland & Eidnes, ICML 2019): similarity matching + prediction, as in the AugLocal repo
+    infopro   InfoPro (Wang et al., ICLR 2021): reconstruction decoder + SupCon/CE head, per-module lambdas;
+              InfoPro* = --balanced-memory
+    auglocal  AugLocal (Ma et al., ICLR 2024): aux nets built from uniformly sampled later layers, pyramidal depth
+    man       add-on, MAN (Su et al., ECCV 2024): EMA + learnable copies of the next block feed the aux net
+    mlaan     add-on, MLAAN (Zhang et al., AAAI 2025): independent + cascade aux nets, leap augmented module
+    sgr       add-on, SGR (Yang et al., ICML 2024): reconcile each module's input gradient with the previous
+              module's output gradient (double backward)
 
 Run
 ---
     python local_learning.py --method dgl --dataset cifar10 --arch resnet32 --K 16
-    python local_learning.py --method bp --dataset folder --data-dir ../shared/data/cifar10-subset --norm cifar10 \\
-        --batch-size 128 --lr 0.1 --epochs 5
-    python local_learning.py --method dgl --arch resnet110 --K 55 --bench 10 --batch-size 128     # speed + memory
+    python local_learning.py --method mlaan --base dgl --dataset folder --data-dir ../shared/data/cifar10-subset \\
+        --norm cifar10 --batch-size 128 --lr 0.1 --epochs 5 --warmup-epochs 0
+    python local_learning.py --method infopro --arch resnet110 --K 55 --bench 10 --batch-size 128  # speed + memory
 
 Recorded results (CPU, 2 cores, torch 2.14.1, real CIFAR-10 images: the 5,085/1,017-image subset in
 shared/data/cifar10-subset; ResNet-32, batch 128, lr 0.1, 5 epochs, seed 0 -- far below paper accuracy by design)
@@ -84,7 +90,8 @@ def build_parser():
       help="--dataset folder only: normalisation + augmentation recipe (cifar10: CIFAR mean/std, reflect-pad 4, "
            "flip; half: mean=std=0.5, zero-pad 4, flip (STL-10's); imagenet: ImageNet mean/std). "
            "Default: inferred from image size (<=32 px cifar10, <=96 px half, else imagenet)")
-    a("--test-subset", type=int, default=0, help="evaluate on the first N test images only (0 = all)")
+    a("--test-subset", type=int, default=0, help="evaluate on the first N test images only (0 = all; folder "
+      "trees: N images drawn with a fixed seed)")
     a("--subset", type=int, default=0, help="train on the first N training images only (0 = all; for folder "
       "trees, which list images class by class, N images drawn with a fixed seed)")
     a("--no-augment", action="store_true", help="disable training augmentation (crop/flip)")
@@ -133,11 +140,15 @@ def parse_args(argv=None):
 
 def pick_device(name):
     if name:
-        if name.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"--device {name}: not a device (use cuda, cuda:N, mps or cpu)")
+        if dev.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"--device {name}: CUDA is not available on this machine")
-        if name == "mps" and not torch.backends.mps.is_available():
+        if dev.type == "mps" and not torch.backends.mps.is_available():
             raise UserError("--device mps: MPS is not available on this machine")
-        return torch.device(name)
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -303,7 +314,7 @@ def folder_spec(args):
     large = size > 96
     r = NORMS[norm]
     return DataSpec("folder", len(train.classes), 224 if large else size, r["mean"], r["std"],
-                    0 if large else max(1, size // 8), r["pad_mode"], True, 256 if large else 1024,
+                    0 if large else 4, r["pad_mode"], True, 256 if large else 1024,
                     0.1 if large else 0.8, 90 if large else 160, large), norm
 
 
@@ -407,12 +418,10 @@ def load_data(args, spec, device, gen):
     if spec.large:
         root = args.data_dir
         train, val = _image_folders(root)
-        if args.subset:
-            train.samples = train.samples[:args.subset]
-            train.targets = [t for _, t in train.samples]
-        if args.test_subset:
-            val.samples = val.samples[:args.test_subset]
-            val.targets = [t for _, t in val.samples]
+        for ds, n in ((train, args.subset), (val, args.test_subset)):
+            if n:   # ImageFolder lists images class by class: a fixed shuffle first, so every class appears
+                ds.samples = [ds.samples[i] for i in np.random.default_rng(0).permutation(len(ds.samples))[:n]]
+                ds.targets = [t for _, t in ds.samples]
         mk = lambda ds, tr: HostLoader(ds, spec, args.batch_size, tr, not args.no_augment, args.workers,
                                        args.seed, device, cl)
         return mk(train, True), mk(val, False)
@@ -422,13 +431,13 @@ def load_data(args, spec, device, gen):
     else:
         train, test = load_torchvision(spec.name, args.data_dir, not args.no_download)
     (xtr, ytr), (xte, yte) = train, test
-    if args.test_subset:
-        xte, yte = xte[:args.test_subset], yte[:args.test_subset]
+    pick = lambda n, k: np.random.default_rng(0).permutation(n)[:k] if spec.name == "folder" else np.arange(min(n, k))
+    if args.test_subset:   # (ImageFolder lists images class by class: folders take a fixed shuffle first)
+        keep = pick(len(yte), args.test_subset)
+        xte, yte = xte[keep], yte[keep]
     if args.subset:
-        if spec.name == "folder":  # ImageFolder lists images class by class: take a fixed shuffle first
-            keep = np.random.default_rng(0).permutation(len(ytr))[:args.subset]
-            xtr, ytr = xtr[keep], ytr[keep]
-        xtr, ytr = xtr[:args.subset], ytr[:args.subset]
+        keep = pick(len(ytr), args.subset)
+        xtr, ytr = xtr[keep], ytr[keep]
     t = lambda a: torch.from_numpy(a).to(device)
     return (DeviceLoader(t(xtr), t(ytr), spec, args.batch_size, True, not args.no_augment, gen, cl),
             DeviceLoader(t(xte), t(yte), spec, args.batch_size, False, False, gen, cl))
@@ -808,9 +817,10 @@ class PredSimAux(nn.Module):
 def similarity_matrix(x):
     """Row-centred cosine similarity (B x B) used by PredSim: 4-D maps are first reduced to the spatial standard
     deviation of each channel (unbiased), as the original."""
+    x = x.float()
     if x.dim() == 4 and x.shape[1] > 3 and x.shape[2] > 1:
         x = x.flatten(2).std(dim=2)
-    x = x.flatten(1).float()
+    x = x.flatten(1)
     x = x - x.mean(dim=1, keepdim=True)
     x = x / (1e-8 + x.norm(dim=1, keepdim=True))
     return (x @ x.t()).clamp(-1, 1)
@@ -849,7 +859,8 @@ class MLAANDGLAux(nn.Module):
 #     method.after_backward(k)            hook: e.g. EMA updates, right after module k's backward
 # and also start_module (before module k runs), final_loss (the last module's loss) and backward (how a module's
 # loss is backpropagated: SGR adds its term there).
-# `needs_input_grad` asks the step to hand module k an input that requires grad (gradient-based add-ons).
+# `needs_input_grad(k)` asks the step to hand module k an input that requires grad (gradient-based add-ons);
+# `module_needs_graph(k)` = False runs module k's forward without a graph (its loss does not use it).
 # Adding a method = one class here + @register.
 
 METHODS = {}
@@ -875,7 +886,6 @@ class Batch:
 class LocalMethod(nn.Module):
     """Base class. Subclasses set `name`, implement `make_aux` (and optionally override `local_loss`)."""
     name = ""
-    needs_input_grad = False
 
     def __init__(self, net, args, num_classes, shapes=None):
         super().__init__()
@@ -928,6 +938,12 @@ class LocalMethod(nn.Module):
 
     def start_module(self, k, h_in):
         """Hook: module k is about to run on the (detached) input h_in."""
+
+    def needs_input_grad(self, k):
+        return False
+
+    def module_needs_graph(self, k):
+        return True
 
     def final_loss(self, k, h, batch, net):
         """Loss of the last module: the network's own head and cross-entropy."""
@@ -1110,8 +1126,9 @@ class AugLocal(LocalMethod):
     from those after module k (AugLocalAux), then pooling + FC;  L_k = CE(aux_k(h_k), y), weight 1.
     Pyramidal depth (--pyramid c): D_k = max(1, round(d (1 - r_k) + r_k)), r_k = k c / (K' - 2), so depth falls
     linearly from d to (d + 1)/2 at c = 0.5. Module count, as the official script: it subtracts the aux depth
-    from the requested number, K' = K - d; the first K' - 1 modules keep their split and the last module takes
-    the d + 1 final units with the real head (ResNet-32 K=16 d=3 -> 13 modules). Defaults: d = 3, no pyramid;
+    from the requested number, K' = K - d: the last module takes the final d + 1 units with the real head and no
+    boundary falls inside them (ResNet-32 K=16 d=3 -> 13 modules; with multi-block modules, e.g. K=8, the
+    boundaries inside the last d + 1 units are dropped). Defaults: d = 3, no pyramid;
     the official commands use d in {1, 3, 5} with --pyramid 0.5 (ResNet-32 K=16, ResNet-110 K=55)."""
     name = "auglocal"
 
@@ -1123,10 +1140,13 @@ class AugLocal(LocalMethod):
 
     @classmethod
     def adjust_ends(cls, ends, args):
-        if args.aux_depth < 1 or len(ends) - args.aux_depth < 2:
-            raise UserError(f"--aux-depth {args.aux_depth} with --K {len(ends)}: AugLocal builds K - d modules and "
-                            f"needs at least 2 (1 <= d <= K - 2)")
-        return ends[:len(ends) - 1 - args.aux_depth] + ends[-1:]
+        # The last module takes the final d + 1 units: no aux net after any of them (with one unit per module
+        # this is the official K' = K - d).
+        kept = [e for e in ends[:-1] if e <= ends[-1] - 1 - args.aux_depth] + ends[-1:]
+        if args.aux_depth < 1 or len(kept) < 2:
+            raise UserError(f"--aux-depth {args.aux_depth} with --K {len(ends)}: AugLocal's last module takes the "
+                            f"final d + 1 units and at least one local module must remain")
+        return kept
 
     def __init__(self, net, args, num_classes, shapes=None):
         n = net.K - 1
@@ -1218,9 +1238,17 @@ class AddOn(LocalMethod):
 
     @classmethod
     def check(cls, net, args):
-        for c, name in cls.chain(args):
+        chain = cls.chain(args)
+        for c, name in chain:
             if name not in c.bases:
                 raise UserError(f"--method {c.name} composes with --base {', '.join(c.bases)}; not {name}")
+        for c, _ in chain:
+            c.check_own(net, args)
+        METHODS[chain[-1][1]].check(net, args)              # the innermost, plain base
+
+    @classmethod
+    def check_own(cls, net, args):
+        """Checks of this add-on itself (the chain's other links are checked by `check`)."""
 
     @classmethod
     def adjust_ends(cls, ends, args):
@@ -1257,6 +1285,12 @@ class AddOn(LocalMethod):
 
     def start_module(self, k, h_in):
         self.base.start_module(k, h_in)
+
+    def needs_input_grad(self, k):
+        return self.base.needs_input_grad(k)
+
+    def module_needs_graph(self, k):
+        return self.base.module_needs_graph(k)
 
     def final_loss(self, k, h, batch, net):
         return self.base.final_loss(k, h, batch, net)
@@ -1397,8 +1431,9 @@ class MLAAN(AddOn):
         return [e for e in ends if e != 0]                 # the stem is trained with module 1, as in MAN
 
     @classmethod
-    def check(cls, net, args):
-        super().check(net, args)
+    def check_own(cls, net, args):
+        if args.mlaan_depth is not None and not 1 <= args.mlaan_depth <= net.K - 1:
+            raise UserError(f"--mlaan-depth {args.mlaan_depth}: between 1 and the number of modules - 1 ({net.K - 1})")
         if (net.arch, net.K) not in MLAAN_CHAINS:
             raise UserError(f"--method mlaan: leap tables exist for resnet32 K=8,16 and resnet110 K=32,55 "
                             f"(got {net.arch} K={args.K})")
@@ -1407,8 +1442,7 @@ class MLAAN(AddOn):
         LocalMethod.__init__(self, net, args, num_classes, shapes=[])
         self.kind = split_chain(chain or args.base)[0]
         self.depth = args.mlaan_depth or (2 if self.kind == "greedy" else 3)
-        if self.depth < 1:
-            raise UserError("--mlaan-depth must be >= 1")
+        self.contrast = self.kind == "infopro" and args.local_loss == "contrast"
         self.decay, self.ema_all, self.net_ref = args.ema_decay, args.mlaan_ema == "all", [net]
         if self.kind == "infopro":
             for k, v in dict(aux_config="1c2f", local_loss="cross_entropy").items():
@@ -1466,7 +1500,15 @@ class MLAAN(AddOn):
         return h
 
     def start_module(self, k, h_in):
-        self.inputs = (self.inputs + [h_in])[-self.depth:]  # the detached inputs of the last D modules
+        self.inputs = ([] if k == 0 else self.inputs[-(self.depth - 1):] if self.depth > 1 else []) + [h_in]
+
+    def needs_input_grad(self, k):
+        return False
+
+    def module_needs_graph(self, k):
+        # The last module's loss and those before the first boundary with a loss do not use the module's own
+        # graph (the cascade re-runs it): forward without one, so that it does not hold memory.
+        return self.first <= k < self.n_modules - 1
 
     def _cascade(self, k):
         """Re-run modules k-D+1..k from the detached input of the first one (same values, longer graph)."""
@@ -1481,9 +1523,10 @@ class MLAAN(AddOn):
             return F.cross_entropy(logits.float(), batch.y), logits
         a, b = self.weights[k]
         out = head["head"](z)
-        task = supcon_loss(out, batch.y) if independent else F.cross_entropy(out.float(), batch.y)
+        contrast = independent or self.contrast           # the independent classifier is always SupCon
+        task = supcon_loss(out, batch.y) if contrast else F.cross_entropy(out.float(), batch.y)
         recon = F.binary_cross_entropy_with_logits(head["decoder"](z).float(), batch.x01()) if a else 0.0
-        return a * recon + b * task, None if independent else out
+        return a * recon + b * task, None if contrast else out
 
     def local_loss(self, k, z, batch):
         if k < self.first:
@@ -1548,8 +1591,8 @@ class SGR(AddOn):
     D = --sgr-distance sq_l2 on batch-scaled gradients (sgr_distance), b from the plain local loss
     (--sgr-target plain). Cost: one extra backward through module j, and module j's graph is kept for it."""
     name = "sgr"
-    needs_input_grad = True
-    bases, default_base = ("greedy", "dgl", "predsim", "infopro", "auglocal", "man", "mlaan"), "infopro"
+    # Not MLAAN: its losses reach the module's input through the cascade re-run, not through h_{j-1}.
+    bases, default_base = ("greedy", "dgl", "predsim", "infopro", "auglocal", "man"), "infopro"
 
     @staticmethod
     def add_args(p):
@@ -1559,9 +1602,11 @@ class SGR(AddOn):
         p.add_argument("--sgr-target", default="plain", choices=["plain", "regularised"],
                        help="SGR: b_j is the gradient of module j's plain local loss, or of the loss with its own term")
 
+    def needs_input_grad(self, k):
+        return k > 0 and self.target is not None
+
     @classmethod
-    def check(cls, net, args):
-        super().check(net, args)
+    def check_own(cls, net, args):
         if args.amp == "fp16":
             raise UserError("--method sgr: double backward under fp16 loss scaling is not supported; use --amp bf16")
 
@@ -1569,6 +1614,11 @@ class SGR(AddOn):
         super().__init__(net, args, num_classes, shapes, chain)
         self.weight, self.kind, self.plain_target = args.sgr_weight, args.sgr_distance, args.sgr_target == "plain"
         self.target = None
+
+    def start_module(self, k, h_in):
+        if k == 0:
+            self.target = None                              # module 1 has no predecessor
+        self.base.start_module(k, h_in)
 
     def summary(self):
         return f"lambda {self.weight}, {self.kind}, target {'plain' if self.plain_target else 'regularised'}; " + \
@@ -1579,7 +1629,7 @@ class SGR(AddOn):
             self.target = None
             return
         total = loss
-        if k > 0 and self.target is not None:
+        if k > 0 and self.target is not None and h_in.requires_grad:
             total = loss + self.weight * sgr_term(loss, h_in, self.target, self.kind)
         if k < self.n_modules - 1:                          # b_k, handed to module k+1 (detached)
             self.target = torch.autograd.grad(loss if self.plain_target else total, h_out, retain_graph=True)[0]
@@ -1694,11 +1744,12 @@ def forward_backward(net, method, batch, scaler, autocast, on_module_done=None):
     losses, correct = [], []
     for k in range(K):
         h_in = h.detach()
-        if k > 0 and method.needs_input_grad:
+        if method.needs_input_grad(k):
             h_in.requires_grad_(True)
         method.start_module(k, h_in)
         with autocast:
-            h = net.run(h_in, k)
+            with torch.set_grad_enabled(method.module_needs_graph(k)):
+                h = net.run(h_in, k)
             if k < K - 1:
                 loss, logits = method.local_loss(k, method.aux_input(k, h), batch)
             else:
@@ -1790,9 +1841,19 @@ def resolve_config(args):
     args.batch_size = args.batch_size or spec.batch
     args.lr = spec.lr if args.lr is None else args.lr
     args.epochs = spec.epochs if args.epochs is None else args.epochs
-    for name in ("batch_size", "epochs", "bench", "subset", "test_subset", "mem_iters"):
-        if getattr(args, name) < (1 if name in ("batch_size", "epochs") else 0):
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    least = dict(batch_size=2, epochs=1, bench=0, subset=0, test_subset=0, mem_iters=0, lr=0, wd=0, warmup_epochs=0,
+                 aux_widen=1e-9, aux_feature_dim=1, sgr_weight=0, ema_decay=0)
+    for name, lo in least.items():   # (batch >= 2: train-mode BatchNorm needs two samples)
+        if getattr(args, name) < lo:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {lo if lo != 1e-9 else 'a positive number'}, "
+                            f"got {getattr(args, name)}")
+    if args.subset == 1 or args.ema_decay > 1:
+        raise UserError("--subset needs at least 2 images" if args.subset == 1 else "--ema-decay must be in [0, 1]")
+    for flag, path in (("--save", args.save), ("--out", args.out)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UserError(f"{flag} {path}: folder {os.path.dirname(os.path.abspath(path))} does not exist")
+    if args.resume and not os.path.isfile(args.resume):
+        raise UserError(f"--resume {args.resume}: no such file")
     return spec
 
 
@@ -1818,6 +1879,11 @@ def print_splits(net, method):
         else:
             shape, ap, note = "(head)", f"{n(net.fc):,}", ""
         print(f"{k:>6}  {names:<14} {nb:>6} {p:>10,}  {shape:<12} {ap:>10}  {note}".rstrip())
+
+
+# Flags that may differ between a run and its resumption (where files are, how much is logged).
+RESUME_FREE = {"save", "resume", "out", "log_secs", "workers", "device", "data_dir", "mem_iters", "no_download",
+               "report", "report_run", "print_splits"}
 
 
 def atomic_save(obj, path):
@@ -1866,16 +1932,19 @@ def run(args):
 
     start_epoch, best, history = 1, 0.0, []
     if args.resume:
-        ck = torch.load(args.resume, map_location=device, weights_only=False)
-        for key in ("method", "arch", "K", "dataset", "epochs"):
-            if ck["args"][key] != getattr(args, key):
-                raise UserError(f"--resume {args.resume}: checkpoint has {key}={ck['args'][key]}, "
-                                f"this run {key}={getattr(args, key)}")
+        try:  # on the CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest
+            ck = torch.load(args.resume, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise UserError(f"--resume {args.resume}: cannot read the checkpoint ({type(e).__name__}: {e})")
+        for key, value in vars(args).items():  # the same run: everything but where and how it is logged
+            if key not in RESUME_FREE and ck["args"].get(key) != value:
+                raise UserError(f"--resume {args.resume}: checkpoint has {key}={ck['args'].get(key)}, "
+                                f"this run {key}={value}")
         net.load_state_dict(ck["net"])
         method.load_state_dict(ck["method"])
         opt.load_state_dict(ck["opt"])
         scaler.load_state_dict(ck["scaler"])
-        gen.set_state(ck["gen"].to(gen.get_state().device) if hasattr(ck["gen"], "to") else ck["gen"])
+        train_loader.gen.set_state(ck["gen"])
         torch.set_rng_state(ck["cpu_rng"])
         start_epoch, best, history = ck["epoch"] + 1, ck["best"], ck["history"]
         print(f"resumed from {args.resume} at epoch {ck['epoch']}", flush=True)
@@ -1896,6 +1965,8 @@ def run(args):
                                                   params, args.mem_iters, args.log_secs, epoch, args.epochs)
         cuda_alloc = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         cuda_res = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
+        if stats is None:
+            raise UserError("no training batch: the training set is smaller than 2 images")
         s = stats.tolist()
         loss, train_acc = s[0] / seen, 100.0 * s[1] / seen
         check_finite(loss, epoch)
@@ -1914,7 +1985,7 @@ def run(args):
               f"{act_peak / MiB:8.1f} {cuda_s} {seen / secs:7.0f} {secs:6.1f}  {aux_s}", flush=True)
         if args.save:
             atomic_save(dict(net=net.state_dict(), method=method.state_dict(), opt=opt.state_dict(),
-                             scaler=scaler.state_dict(), gen=gen.get_state(), cpu_rng=torch.get_rng_state(),
+                             scaler=scaler.state_dict(), gen=train_loader.gen.get_state(), cpu_rng=torch.get_rng_state(),
                              epoch=epoch, best=best, history=history, args=vars(args)), args.save)
 
     last = history[-1] if history else {}

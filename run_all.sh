@@ -42,7 +42,7 @@ touch "$RESULTS"
 
 done_already() {  # method dataset arch K seed base-json: is this run in $RESULTS?
   grep -F "\"method\": \"$1\", \"dataset\": \"$2\", \"arch\": \"$3\", \"K\": $4," "$RESULTS" \
-    | grep -qF "\"seed\": $5, \"epochs\": $EPOCHS, \"base\": $6," || return 1
+    | grep -F "\"seed\": $5, \"epochs\": $EPOCHS, \"base\": $6," > /dev/null || return 1
 }
 
 n_run=0; n_skip=0

@@ -336,9 +336,9 @@ def test_image_folder_loader(tmp_path):
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
 
 
-def _crops(img, pad):
-    """All (2p+1)^2 zero-padded crops of one CHW image."""
-    p = F.pad(img, (pad,) * 4)
+def _crops(img, pad, mode):
+    """All (2p+1)^2 crops of one CHW image padded with zeros ('constant') or by reflection."""
+    p = F.pad(img[None], (pad,) * 4, mode=mode)[0]
     H = img.shape[1]
     return [p[:, i:i + H, j:j + H] for i in range(2 * pad + 1) for j in range(2 * pad + 1)]
 
@@ -350,12 +350,10 @@ def test_augmentation_shapes_ranges_and_flips(name):
     x = torch.randint(0, 256, (32, 3, spec.size, spec.size)).float() / 255
     out = L.augment(x, spec, g)
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
-    if spec.pad_mode == "reflect":
-        return
     flipped = 0
     for i in range(len(x)):
-        plain = any(torch.equal(out[i], c) for c in _crops(x[i], spec.pad))
-        mirrored = any(torch.equal(out[i], c) for c in _crops(x[i].flip(2), spec.pad))
+        plain = any(torch.equal(out[i], c) for c in _crops(x[i], spec.pad, spec.pad_mode))
+        mirrored = any(torch.equal(out[i], c) for c in _crops(x[i].flip(2), spec.pad, spec.pad_mode))
         assert plain or mirrored
         flipped += mirrored and not plain
     if spec.flip:
@@ -402,14 +400,26 @@ def cli(*argv, cwd=None):
     (["--dataset", "stl10", "--data-dir", "EMPTY", "--no-download"], "train_X.bin"),
     (["--dataset", "folder", "--data-dir", "EMPTY"], "train"),
     (["--amp", "bf16", "--device", "cpu"], "CUDA"),
+    (["--device", "gpu"], "not a device"),
+    (["--lr", "-1"], "--lr must be >= 0"),
+    (["--batch-size", "1"], "--batch-size must be >= 2"),
+    (["--aux-widen", "0"], "--aux-widen must be"),
+    (["--method", "man", "--base", "greedy"], "composes with"),
+    (["--method", "sgr", "--base", "mlaan"], "composes with"),
+    (["--method", "mlaan", "--K", "8", "--mlaan-depth", "20"], "--mlaan-depth 20"),
+    (["--method", "mlaan", "--K", "4"], "leap tables"),
+    (["--resume", "EMPTY/none.pt"], "no such file"),
+    (["--save", "EMPTY/no/dir/ck.pt"], "does not exist"),
+    (["--out", "EMPTY/no/dir/r.jsonl"], "does not exist"),
+    (["--subset", "1"], "at least 2"),
 ])
 def test_bad_input_one_line_nonzero_exit(argv, message, tmp_path):
-    argv = [str(tmp_path) if a == "EMPTY" else a for a in argv]
-    r = cli(*argv, "--epochs", "1", "--print-splits" if "--data-dir" not in argv else "--subset=8")
+    argv = [a.replace("EMPTY", str(tmp_path)) for a in argv]
+    r = cli(*argv, "--epochs", "1", "--print-splits" if "--data-dir" not in argv else "--test-subset=8")
     assert r.returncode == 2
     err = r.stderr.strip()
     assert err.startswith("error:") and "\n" not in err and message in err, err
-    if "EMPTY" in argv or str(tmp_path) in argv:
+    if "--data-dir" in argv:
         assert str(tmp_path) in err                                   # names the folder to put the files in
 
 
@@ -621,8 +631,10 @@ def test_auglocal_layer_selection_and_pyramid():
     assert m.depths == [5] * 12 + [4] * 25 + [3] * 12                  # round half to even (4.5 -> 4)
     _, m = build_cli("--method", "auglocal", "--aux-depth", "1")
     assert isinstance(m.aux[0].head[1], nn.BatchNorm1d) and m.aux[0](torch.randn(2, 16, 32, 32)).shape == (2, 10)
+    net, m = build_cli("--method", "auglocal", "--K", "8", "--aux-depth", "3")       # multi-block modules:
+    assert module_sizes_of(net) == [1, 2, 2, 2, 2, 2, 4]                              # last = final d+1 units
     with pytest.raises(L.UserError, match="aux-depth"):
-        build_cli("--method", "auglocal", "--K", "4", "--aux-depth", "3")
+        build_cli("--method", "auglocal", "--K", "2", "--aux-depth", "9")
 
 
 def module_sizes_of(net):
@@ -857,3 +869,44 @@ def test_run_all_quick_smoke(cifar_dir, tmp_path):
     missing = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], env=dict(env, RESULTS_QUICK=str(tmp_path / "m")),
                              capture_output=True, text=True, timeout=600)
     assert missing.returncode != 0 and "data_batch_1" in missing.stderr and "stopped" in missing.stderr
+
+
+def test_resume_refuses_a_different_run(cifar_dir, tmp_path):
+    ck = str(tmp_path / "c.pt")
+    L.main(train_args(cifar_dir, "--save", ck))
+    r = cli(*train_args(cifar_dir, "--resume", ck, "--lr", "0.5"))
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --resume") and "lr=" in r.stderr
+
+
+@pytest.mark.parametrize("argv", [("bp",), ("greedy",), ("dgl",), ("predsim",), ("infopro",), ("auglocal",),
+                                  ("man",), ("man", "--base", "dgl"), ("mlaan",), ("mlaan", "--base", "dgl"),
+                                  ("mlaan", "--base", "greedy"), ("sgr", "--base", "dgl"), ("sgr", "--base", "man+infopro")])
+def test_every_method_learns_one_batch(argv):
+    """A few SGD steps on one fixed batch lower the summed (local + final) losses: every method really trains."""
+    torch.manual_seed(0)
+    net, m = build_cli("--method", *argv, "--K", "1" if argv[0] == "bp" else "8", "--local-loss", "cross_entropy")
+    opt = torch.optim.SGD(list(net.parameters()) + list(m.parameters()), lr=0.05, momentum=0.9)
+    x, y = torch.randn(16, 3, 32, 32), torch.arange(16) % 10
+    batch = L.Batch(x, y, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        s = L.forward_backward(net, m, batch, torch.amp.GradScaler("cpu", enabled=False),
+                               torch.autocast("cpu", enabled=False))
+        K = net.K
+        losses.append(float(s[0] + s[2:2 + K - 1].sum()))
+        opt.step()
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_mlaan_contrast_cascade_uses_supcon():
+    net, m = build_cli("--method", "mlaan", "--local-loss", "contrast", "--K", "8")
+    assert n_params(m.cascade["2"]["head"]) == 61_824                     # 1c2f contrast head on 64 channels
+    x = torch.randn(4, 3, 32, 32)
+    h = x
+    for k in range(3):                                                     # the cascade re-runs modules 0..2
+        m.start_module(k, h)
+        h = net.run(h, k).detach()
+    loss, logits = m.local_loss(2, h, L.Batch(x, torch.tensor([0, 0, 1, 1]), torch.zeros(1, 3, 1, 1),
+                                              torch.ones(1, 3, 1, 1)))
+    assert logits is None and torch.isfinite(loss)
