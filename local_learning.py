@@ -1995,7 +1995,7 @@ def run(args):
                   act_peak_bytes=max((h["act_peak_bytes"] for h in history), default=None),
                   cuda_peak_alloc=last.get("cuda_peak_alloc"), cuda_peak_reserved=last.get("cuda_peak_reserved"),
                   **state_bytes(params, opt),
-                  train_img_s=(train_seen / train_time) if train_time else None,
+                  train_img_s=(train_seen / train_time) if train_time else None, summary=method.summary(),
                   wall_s=time.time() - t_start, history=[{k: h[k] for k in ("epoch", "loss", "train_acc",
                                                                               "test_acc")} for h in history])
     emit(result, args.out)
@@ -2033,6 +2033,7 @@ def bench(args, spec, net, method, opt, scaler, autocast, spec_t, params, device
                   batch=args.batch_size,
                   dataset=args.dataset, image_size=spec.size, device=str(device),
                   threads=torch.get_num_threads(), iters=args.bench, img_s=args.bench * args.batch_size / secs,
+                  summary=method.summary(),
                   act_peak_bytes=meter.peak, act_peak_mib=round(meter.peak / MiB, 2), **state_bytes(params, opt))
     if device.type == "cuda":
         result.update(cuda_peak_alloc=torch.cuda.max_memory_allocated(device),
