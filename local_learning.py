@@ -37,9 +37,22 @@ Run
         --norm cifar10 --batch-size 128 --lr 0.1 --epochs 5 --warmup-epochs 0
     python local_learning.py --method infopro --arch resnet110 --K 55 --bench 10 --batch-size 128  # speed + memory
 
-Recorded results (CPU, 2 cores, torch 2.14.1, real CIFAR-10 images: the 5,085/1,017-image subset in
-shared/data/cifar10-subset; ResNet-32, batch 128, lr 0.1, 5 epochs, seed 0 -- far below paper accuracy by design)
-    see README.md "Results": every number there was measured with the command printed beside it.
+Recorded results -- CPU (2 cores), torch 2.14.1. Accuracy: real CIFAR-10 images (the 5,085/1,017-image subset of
+shared/data/cifar10-subset), ResNet-32 K=16, batch 128, lr 0.1, 5 epochs, seed 0 (tiny budget, far below paper
+accuracy). Memory and speed: --bench 8 --batch-size 128. Commands and more rows in README.md "Results".
+
+    method         test acc %   activation MiB (vs BP)   img/s (2 threads)
+    bp                46.51        303.6                    288
+    greedy            40.61         40.0 (-87 %)            330
+    dgl               37.76         43.7 (-86 %)            222
+    predsim           29.50         48.5 (-84 %)            188
+    infopro           36.09         65.3 (-78 %)             73
+    auglocal d=3      45.03         86.0 (-72 %)             97
+    man + dgl         40.02        125.2 (-59 %)             79
+    man + infopro     35.59        152.6 (-50 %)             45
+    mlaan + greedy    22.42        191.6 (-37 %)             56
+    sgr + dgl         38.94         86.9 (-71 %)             63
+    sgr + infopro     35.89        126.9 (-58 %)             24
 
 Sections, in reading order: config -> data -> backbone & splits -> auxiliary nets -> methods -> memory meter
 -> training step -> evaluation -> main.
@@ -127,7 +140,7 @@ def build_parser():
       help="render a results.jsonl (from --out / run_all.sh) as Markdown tables in the papers' layout, then exit")
     a("--report-run", type=int, default=None, metavar="LINE",
       help="--report: line number (1-based) of the run whose per-module accuracies are tabulated (default: "
-           "the last run with the most modules)")
+           "the last run with the most per-module accuracies)")
     for cls in METHODS.values():
         if "add_args" in cls.__dict__:  # flags shared by a method family are declared once, by its base
             cls.add_args(p)
@@ -1373,6 +1386,17 @@ class MAN(AddOn):
             ema_update(self.ema[k], self.tracked[k], self.decay)
 
 
+def _clone_block(block, init):
+    """A new block with `block`'s architecture: He-initialised afresh (official MAN) or a copy of its weights."""
+    clone = copy.deepcopy(block)
+    if init == "random":
+        for m in clone.modules():
+            if hasattr(m, "reset_parameters") and m is not clone:
+                m.reset_parameters()
+        init_weights(clone)
+    return clone
+
+
 # MLAAN's leap chains (its configAuxPlus_new tables): for boundary i, the backbone blocks ("stage.block") whose
 # copies form the aux network, keyed by (arch, modules actually built). Written as (repeat, chain) runs.
 MLAAN_CHAINS = {
@@ -1634,17 +1658,6 @@ class SGR(AddOn):
         if k < self.n_modules - 1:                          # b_k, handed to module k+1 (detached)
             self.target = torch.autograd.grad(loss if self.plain_target else total, h_out, retain_graph=True)[0]
         self.base.backward(k, total, h_in, h_out, scaler)
-
-
-def _clone_block(block, init):
-    """A new block with `block`'s architecture: He-initialised afresh (official MAN) or a copy of its weights."""
-    clone = copy.deepcopy(block)
-    if init == "random":
-        for m in clone.modules():
-            if hasattr(m, "reset_parameters") and m is not clone:
-                m.reset_parameters()
-        init_weights(clone)
-    return clone
 
 
 # =============================================================================================================
@@ -2118,7 +2131,7 @@ def report(path, run_line=None):
     with_mod = [(i, r) for i, r in runs if r.get("module_acc")]
     if with_mod:
         i, r = next(((i, r) for i, r in with_mod if i == run_line), None) or \
-            max(with_mod, key=lambda t: (len(t[1]["module_acc"]), t[0]))
+            max(with_mod, key=lambda t: (sum(a is not None for a in t[1]["module_acc"]), t[0]))
         out += [f"### Per-module aux accuracy on training batches (line {i}: {label(r)}, {r['dataset']}, {r['arch']} "
                 f"K={r['K']}, seed {r['seed']})", "", "| module | " + " | ".join(str(j) for j in
                 range(len(r["module_acc"]))) + " | final |", "|---|" + "---|" * (len(r["module_acc"]) + 1),
