@@ -51,6 +51,7 @@ accuracy). Memory and speed: --bench 8 --batch-size 128. Commands and more rows 
     man + dgl         40.02        125.2 (-59 %)             79
     man + infopro     35.59        152.6 (-50 %)             45
     mlaan + greedy    22.42        191.6 (-37 %)             56
+    mlaan + infopro   38.15        297.9 (-2 %)              20
     sgr + dgl         38.94         86.9 (-71 %)             63
     sgr + infopro     35.89        126.9 (-58 %)             24
 
