@@ -59,6 +59,7 @@ Sections, in reading order: config -> data -> backbone & splits -> auxiliary net
 -> training step -> evaluation -> main.
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -1041,6 +1042,11 @@ def resolve_lambdas(args, defaults, source):
     return values, note
 
 
+def module_positions(n):
+    """r_k = k / (n - 1) for the n local modules (0 when there is one): InfoPro's interpolation variable."""
+    return [k / (n - 1) if n > 1 else 0.0 for k in range(n)]
+
+
 def interpolate_lambdas(lambdas, r):
     """(l1, l2) per local module from (ixx_1, ixy_1, ixx_2, ixy_2) and each module's position r in [0, 1]."""
     ixx1, ixy1, ixx2, ixy2 = lambdas
@@ -1103,7 +1109,7 @@ class InfoPro(LocalMethod):
         self.contrast = args.local_loss == "contrast"
         self.set_lambdas(args, *published_lambdas(args.dataset, args.arch, net.K, args.balanced_memory))
         n = net.K - 1                                      # local modules k = 0..K-2: r_k = k / (K-2)
-        self.weights = interpolate_lambdas(self.lambdas_all, [k / (n - 1) if n > 1 else 0.0 for k in range(n)])
+        self.weights = interpolate_lambdas(self.lambdas_all, module_positions(n))
 
     def set_lambdas(self, args, defaults, source):
         self.lambdas_all, self.lambda_source = resolve_lambdas(args, defaults, source)
@@ -1195,7 +1201,7 @@ class PredSim(LocalMethod):
         super().__init__(net, args, num_classes, shapes)
         lam, _ = resolve_lambdas(args, (0.99, 0.01, 0.99, 0.01), "official commands")
         n, self.num_classes = len(self.aux), num_classes
-        self.weights = interpolate_lambdas(lam, [k / (n - 1) if n > 1 else 0.0 for k in range(n)])
+        self.weights = interpolate_lambdas(lam, module_positions(n))
 
     def make_aux(self, c, h, w, num_classes, args):
         return PredSimAux(c, h, w, num_classes)
@@ -1313,6 +1319,11 @@ class AddOn(LocalMethod):
         self.base.backward(k, loss, h_in, h_out, scaler)
 
 
+def merge_stem(ends):
+    """Drop a stem-alone module: MAN and MLAAN always run the stem as part of module 1."""
+    return [e for e in ends if e != 0]
+
+
 def split_chain(chain):
     """'man+dgl' -> ('man', 'dgl'); 'dgl' -> ('dgl', '')."""
     name, _, rest = chain.partition("+")
@@ -1351,7 +1362,7 @@ class MAN(AddOn):
 
     @classmethod
     def adjust_ends_own(cls, ends, args):
-        return [e for e in ends if e != 0]                 # the stem always runs in front of module 1
+        return merge_stem(ends)                             # the stem always runs in front of module 1
 
     def __init__(self, net, args, num_classes, shapes=None, chain=None):
         base = split_chain(chain or args.base)[0]
@@ -1453,7 +1464,7 @@ class MLAAN(AddOn):
 
     @classmethod
     def adjust_ends_own(cls, ends, args):
-        return [e for e in ends if e != 0]                 # the stem is trained with module 1, as in MAN
+        return merge_stem(ends)                             # the stem is trained with module 1, as in MAN
 
     @classmethod
     def check_own(cls, net, args):
@@ -1789,10 +1800,7 @@ def train_epoch(net, method, opt, loader, scaler, autocast, spec_t, params, mem_
     for it, (x, y) in enumerate(loader):
         batch = Batch(x, y, mean, std)
         opt.zero_grad(set_to_none=True)
-        if it < mem_iters:
-            with meter:
-                s = forward_backward(net, method, batch, scaler, autocast)
-        else:
+        with meter if it < mem_iters else contextlib.nullcontext():
             s = forward_backward(net, method, batch, scaler, autocast)
         scaler.step(opt)
         scaler.update()
@@ -2034,10 +2042,7 @@ def bench(args, spec, net, method, opt, scaler, autocast, spec_t, params, device
             t0 = time.time()
         opt.zero_grad(set_to_none=True)
         batch = Batch(x, y, *spec_t)
-        if it < args.mem_iters:
-            with meter:
-                forward_backward(net, method, batch, scaler, autocast)
-        else:
+        with meter if it < args.mem_iters else contextlib.nullcontext():
             forward_backward(net, method, batch, scaler, autocast)
         scaler.step(opt)
         scaler.update()
