@@ -143,9 +143,12 @@ def build_parser():
     a("--report-run", type=int, default=None, metavar="LINE",
       help="--report: line number (1-based) of the run whose per-module accuracies are tabulated (default: "
            "the last run with the most per-module accuracies)")
-    for cls in METHODS.values():
-        if "add_args" in cls.__dict__:  # flags shared by a method family are declared once, by its base
-            cls.add_args(p)
+    for name, o in all_options().items():   # method options (section 5), each declared by its method
+        if o.help is None:                     # (internal: resolved from other options)
+            continue
+        shown = "" if o.default is None or callable(o.default) or "default" in o.help else f" (default {o.default})"
+        kw = dict(type=o.type) if o.type else {}
+        a(f"--{name.replace('_', '-')}", default=None, choices=o.choices, help=o.help + shown, **kw)
     return p
 
 
@@ -614,52 +617,107 @@ def init_weights(module):
             nn.init.zeros_(m.bias)
 
 
-class LocalNet(nn.Module):
-    """The backbone as a flat unit list plus a split into K modules. `run(h, k)` runs module k only."""
+class Head(nn.Module):
+    """The classifier head of our ResNets: global average pooling -> Linear."""
 
-    def __init__(self, arch, num_classes, ends, image_size):
+    def __init__(self, c, num_classes):
         super().__init__()
-        family, block, blocks = ARCHS[arch]
-        if family == "cifar":
-            stem_w, widths, strides = 16, [16, 32, 64], [1, 2, 2]
-            stem = nn.Sequential(conv3x3(3, 16), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
-        else:
-            stem_w, widths, strides = 64, [64, 128, 256, 512], [1, 2, 2, 2]
-            stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-                                 nn.MaxPool2d(3, 2, 1))
-        units, cin = [stem], stem_w
-        for w, s, n in zip(widths, strides, blocks):
-            for b in range(n):
-                units.append(block(cin, w, s if b == 0 else 1))
-                cin = w * block.expansion
-        self.arch, self.units, self.fc = arch, nn.ModuleList(units), nn.Linear(cin, num_classes)
-        self.ends, self.image_size = list(ends), image_size
-        self.bounds = [(0 if k == 0 else self.ends[k - 1] + 1, e + 1) for k, e in enumerate(self.ends)]
-        self.K = len(self.ends)
-        init_weights(self)
-        # Output shape (C, H, W) of every unit, by one dry run: aux nets are sized from these.
-        with torch.no_grad():
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, h):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+def resnet(arch, num_classes):
+    """(units, head) of one of our ResNets: unit 0 the stem, then the residual blocks in order."""
+    family, block, blocks = ARCHS[arch]
+    if family == "cifar":
+        stem_w, widths, strides = 16, [16, 32, 64], [1, 2, 2]
+        stem = nn.Sequential(conv3x3(3, 16), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+    else:
+        stem_w, widths, strides = 64, [64, 128, 256, 512], [1, 2, 2, 2]
+        stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                             nn.MaxPool2d(3, 2, 1))
+    units, cin = [stem], stem_w
+    for w, s, n in zip(widths, strides, blocks):
+        for b in range(n):
+            units.append(block(cin, w, s if b == 0 else 1))
+            cin = w * block.expansion
+    return units, Head(cin, num_classes)
+
+
+def even_split(n_units, K):
+    """Unit index at which each of K modules ends when n_units are dealt out evenly (remainder to the last)."""
+    if not 1 <= K <= n_units:
+        raise UserError(f"K = {K} is impossible for a network of {n_units} units: 1 <= K <= {n_units}")
+    sizes = [n_units // K + (1 if i >= K - n_units % K else 0) for i in range(K)]
+    return [int(e) - 1 for e in np.cumsum(sizes)]
+
+
+class LocalNet(nn.Module):
+    """Any network as a flat list of units plus a head, split into K gradient-isolated modules.
+
+    `units` run in order (unit 0 reads the input), `head` maps the last unit's output to logits, `ends` lists the
+    unit index at which each module ends (or is an int K: an even split). One dry run on `example_input` (a batch
+    of inputs of the right shape; its values do not matter) records every unit's output shape: aux nets are
+    sized from it. `arch` names one of our ResNets (unit names, MLAAN's leap tables, AugLocal's block factory);
+    None for any other backbone. `run(h, k)` runs module k only."""
+
+    def __init__(self, units, head, ends, example_input, arch=None):
+        super().__init__()
+        self.arch, self.units, self.head = arch, nn.ModuleList(units), head
+        self.block = ARCHS[arch][1] if arch in ARCHS else None   # AugLocal builds its aux nets from this factory
+        self.input_shape = tuple(example_input.shape[1:])
+        x = example_input
+        self.image_size = x.shape[-1] if x.dim() == 4 and x.shape[-1] == x.shape[-2] else None
+        if arch in ARCHS:
+            init_weights(self)
+        with torch.no_grad():   # output shape (without the batch dimension) of every unit
             was = self.training
             self.eval()
-            h, self.unit_shapes = torch.zeros(1, 3, image_size, image_size), []
+            self.unit_shapes = []
             for u in self.units:
-                h = u(h)
-                self.unit_shapes.append(tuple(h.shape[1:]))
+                x = u(x)
+                self.unit_shapes.append(tuple(x.shape[1:]))
+            self.num_classes = self.head(x).shape[-1]
             self.train(was)
+        self.set_split(even_split(len(self.units), ends) if isinstance(ends, int) else ends)
+
+    @classmethod
+    def resnet(cls, arch, num_classes, ends, image_size):
+        """One of our ResNets (ARCHS) on image_size x image_size inputs."""
+        units, head = resnet(arch, num_classes)
+        return cls(units, head, ends, torch.zeros(1, 3, image_size, image_size), arch)
+
+    def set_split(self, ends):
+        ends = [int(e) for e in ends]
+        if not ends or ends[-1] != len(self.units) - 1 or any(b <= a for a, b in zip(ends, ends[1:])) or ends[0] < 0:
+            raise UserError(f"split {ends}: module ends must be increasing unit indices ending at the last unit "
+                            f"({len(self.units) - 1})")
+        self.ends = ends
+        self.bounds = [(0 if k == 0 else ends[k - 1] + 1, e + 1) for k, e in enumerate(ends)]
+        self.K = len(ends)
 
     @property
     def boundary_shapes(self):
         """Output shape of each local module k < K-1 (what its aux net reads)."""
         return [self.unit_shapes[e] for e in self.ends[:-1]]
 
+    def stage(self, i):
+        """Stage of unit i: 0 for the stem (unit 0), then 1 + the number of changes of output shape among units
+        1..i -- for our ResNets exactly the stage of the block (unit_position)."""
+        if i == 0:
+            return 0
+        return 1 + sum(self.unit_shapes[j] != self.unit_shapes[j - 1] for j in range(2, i + 1))
+
+    def unit_name(self, i):
+        return unit_name(self.arch, i) if self.arch in ARCHS else f"u{i}"
+
     def run(self, h, k):
         a, b = self.bounds[k]
         for u in self.units[a:b]:
             h = u(h)
         return h
-
-    def head(self, h):
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
 
     def forward(self, x):
         for k in range(self.K):
@@ -671,6 +729,13 @@ class LocalNet(nn.Module):
 # 4. Auxiliary networks
 # =============================================================================================================
 
+def pool_features(h):
+    """B x C x H x W -> B x C (global average pooling); B x N x D tokens -> B x D (token mean); B x D as it is."""
+    if h.dim() == 4:
+        return torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)
+    return h.mean(1) if h.dim() == 3 else h
+
+
 class GreedyAux(nn.Module):
     """Greedy SL head (InfoPro's `0c1f` + CE): the network's own head shape, GAP -> Linear(C -> classes)."""
 
@@ -679,7 +744,7 @@ class GreedyAux(nn.Module):
         self.fc = nn.Linear(c, num_classes)
 
     def forward(self, h):
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+        return self.fc(pool_features(h))
 
 
 class DGLAux(nn.Module):
@@ -692,17 +757,22 @@ class DGLAux(nn.Module):
     (14,410 / 54,922 / 214,282) because it also registers a BatchNorm2d(C) that its MLP variant never calls;
     we leave that dead layer out (it receives no gradient and changes nothing)."""
 
-    def __init__(self, c, s, num_classes):
+    def __init__(self, shape, num_classes):
         super().__init__()
-        self.pool = math.ceil(s / 4)
-        self.convs = nn.Sequential(*[m for _ in range(3) for m in
-                                     (nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True))])
-        f = 4 * c
+        spatial = len(shape) == 3
+        c = shape[0] if spatial else shape[-1]
+        if spatial:
+            self.pool = math.ceil(shape[1] / 4)
+            self.convs = nn.Sequential(*[m for _ in range(3) for m in
+                                         (nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True))])
+        f = 4 * c if spatial else c          # tokens / vectors: the MLP part alone, on the token mean
         self.mlp = nn.Sequential(*[m for _ in range(3) for m in
                                    (nn.Linear(f, f), nn.BatchNorm1d(f), nn.ReLU(inplace=True))],
                                  nn.Linear(f, num_classes))
 
     def forward(self, h):
+        if h.dim() != 4:
+            return self.mlp(pool_features(h))
         h = self.convs(F.adaptive_avg_pool2d(h, self.pool))
         return self.mlp(torch.flatten(F.adaptive_avg_pool2d(h, 2), 1))
 
@@ -720,13 +790,13 @@ class Decoder(nn.Module):
     def __init__(self, c, size, widen=1.0):
         super().__init__()
         hid = int(12 * widen)
-        self.size = size
+        self.size = tuple(size)                       # (H, W) of the input image
         self.net = nn.Sequential(nn.Conv2d(c, hid, 3, 1, 1), nn.BatchNorm2d(hid), nn.ReLU(inplace=True),
                                  nn.Conv2d(hid, 3, 3, 1, 1))
 
     def forward(self, h):
-        if h.shape[-2:] != (self.size, self.size):  # (resizing to the same size is the identity: skipped)
-            h = F.interpolate(h, size=(self.size, self.size), mode="bilinear", align_corners=True)
+        if tuple(h.shape[-2:]) != self.size:          # (resizing to the same size is the identity: skipped)
+            h = F.interpolate(h, size=self.size, mode="bilinear", align_corners=True)
         return self.net(h)
 
 
@@ -774,37 +844,63 @@ def supcon_loss(z, y, temperature=0.07):
     return -((log_prob * pos).sum(1) / pos.sum(1).clamp(min=1)).mean()
 
 
+def fresh_copy(unit, init="random", our_init=True):
+    """A new unit with `unit`'s architecture: re-initialised (every layer's reset, then our He init where the
+    backbone is one of ours) or, with init="copy", a copy of its current weights."""
+    clone = copy.deepcopy(unit)
+    if init == "random":
+        for m in clone.modules():
+            reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
+            if reset is not None and m is not clone:
+                reset()
+        if our_init:
+            init_weights(clone)
+    return clone
+
+
 class AugLocalAux(nn.Module):
     """AugLocal's auxiliary network for the module ending at unit L (Ma et al., ICLR 2024; ChenxiangMA/AugLocal):
     fresh, randomly initialised blocks with the architecture of D backbone units chosen uniformly among the units
     that follow L, then GAP -> [BatchNorm1d if D <= 1] -> Linear.
 
         selected = [round(L + (n - L - 1) / D * j) for j = 1..D]     (n units; all remaining ones if D >= n-1-L)
-    Python's round (half to even), as the official code -- half-up rounding builds different nets. A block that
-    reaches a wider unit takes stride 2 (one stride-2 per doubling of width, carried to the next block if a
-    single block quadruples the width), like the backbone unit it imitates."""
+    Python's round (half to even), as the official code -- half-up rounding builds different nets. On our
+    ResNets (`net.block` set) each block is rebuilt for the width it receives: a block that reaches a wider unit
+    takes stride 2 (one stride-2 per doubling of width, carried to the next block if a single block quadruples
+    the width), like the backbone unit it imitates. On any other backbone the selected units are deep-copied and
+    re-initialised as they are, so their input and output shapes must chain."""
 
-    def __init__(self, L, depth, unit_shapes, block, num_classes):
+    def __init__(self, L, depth, net, num_classes):
         super().__init__()
-        n = len(unit_shapes)
+        shapes, n = net.unit_shapes, len(net.unit_shapes)
         if depth >= n - 1 - L:
             self.selected = list(range(L + 1, n))
         else:
             self.selected = [round(L + (n - L - 1) / depth * j) for j in range(1, depth + 1)]
-        cur, debt, blocks = unit_shapes[L][0], 0, []
-        for j in self.selected:
-            cout = unit_shapes[j][0]
-            debt += int(math.log2(cout // cur))
-            stride = 2 if debt >= 1 else 1
-            debt -= stride == 2
-            blocks.append(block(cur, cout // block.expansion, stride))
-            cur = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.Flatten(), *([nn.BatchNorm1d(cur)] if depth <= 1 else []),
-                                  nn.Linear(cur, num_classes))
+        if net.block is not None:
+            cur, debt, blocks = shapes[L][0], 0, []
+            for j in self.selected:
+                cout = shapes[j][0]
+                debt += int(math.log2(cout // cur))
+                stride = 2 if debt >= 1 else 1
+                debt -= stride == 2
+                blocks.append(net.block(cur, cout // net.block.expansion, stride))
+                cur = cout
+            self.blocks = nn.Sequential(*blocks)
+        else:
+            self.blocks = nn.Sequential(*[fresh_copy(net.units[j], "random", our_init=False) for j in self.selected])
+            try:
+                with torch.no_grad():
+                    out = self.blocks.eval()(torch.zeros(2, *shapes[L]))
+                self.blocks.train()
+            except RuntimeError as e:
+                raise UserError(f"--method auglocal: the copies of units {self.selected} do not chain on the output "
+                                f"of unit {L} ({'x'.join(map(str, shapes[L]))}): {str(e).splitlines()[0]}")
+            cur = out.shape[1] if out.dim() == 4 else out.shape[-1]
+        self.head = nn.Sequential(*([nn.BatchNorm1d(cur)] if depth <= 1 else []), nn.Linear(cur, num_classes))
 
     def forward(self, h):
-        return self.head(F.adaptive_avg_pool2d(self.blocks(h), 1))
+        return self.head(pool_features(self.blocks(h)))
 
 
 class PredSimAux(nn.Module):
@@ -867,15 +963,19 @@ class MLAANDGLAux(nn.Module):
 # 5. Methods
 # =============================================================================================================
 # A method owns the auxiliary nets of the K-1 local modules and defines their loss. The shared training step
-# (section 7) calls, for each local module k:
-#     z = method.aux_input(k, h)          hook: what the aux net reads (MAN/MLAAN feed EMA/bias branches here)
-#     loss, logits = method.local_loss(k, z, batch)
-#     ...backward...
-#     method.after_backward(k)            hook: e.g. EMA updates, right after module k's backward
-# and also start_module (before module k runs), final_loss (the last module's loss) and backward (how a module's
-# loss is backpropagated: SGR adds its term there).
+# (section 7) calls, for each module k:
+#     method.start_module(k, h_in)                   hook: module k is about to run on the detached input h_in
+#     z = method.aux_input(k, h)                     what the aux net reads (MAN adds its EMA/bias branches here)
+#     loss, logits = method.local_loss(k, z, batch)  (the last module: method.final_loss, the network's own head)
+#     method.backward(k, loss, h_in, h, scaler)      how the loss is backpropagated (SGR adds its term here)
+#     method.after_backward(k)                       hook: e.g. EMA updates, right after module k's backward
 # `needs_input_grad(k)` asks the step to hand module k an input that requires grad (gradient-based add-ons);
 # `module_needs_graph(k)` = False runs module k's forward without a graph (its loss does not use it).
+#
+# Options. Each method declares the options it introduces (`options`); they become command-line flags and the
+# keywords of `attach`. Their values are resolved in ONE place, `method_options` (end of this section): what the
+# caller gave, else what an add-on sets for its base (`base_defaults`: MAN on InfoPro uses the 2c2f head with
+# cross-entropy), else the option's own default. Constructors only read the resolved options.
 # Adding a method = one class here + @register.
 
 METHODS = {}
@@ -886,47 +986,62 @@ def register(cls):
     return cls
 
 
+@dataclass(frozen=True)
+class Opt:
+    """A method option: its default (a value, or a function of the context namespace -> value), help text, and
+    what the command line accepts. Flag --name-with-dashes; keyword name_with_underscores."""
+    default: object
+    help: str                     # None: an internal value resolved with the options, not a flag
+    type: object = None
+    choices: tuple = None
+    lo: float = None              # smallest allowed value
+    hi: float = None              # largest allowed value
+
+
 @dataclass
 class Batch:
-    x: torch.Tensor               # normalised, augmented images
+    x: torch.Tensor               # normalised, augmented inputs
     y: torch.Tensor               # labels
-    mean: torch.Tensor            # 1x3x1x1 normalisation constants, for methods that rebuild the [0,1] image
-    std: torch.Tensor
+    mean: torch.Tensor = None     # 1x3x1x1 normalisation constants, for methods that rebuild the [0,1] image
+    std: torch.Tensor = None      # (None: x is already the image in [0,1])
 
     def x01(self):
         """The augmented input image in [0,1] (target of reconstruction losses)."""
-        return (self.x * self.std + self.mean).clamp_(0, 1)
+        x = self.x if self.mean is None else self.x * self.std + self.mean
+        return x.clamp(0, 1)
+
+
+def need_image_features(method, shape, what="its aux nets"):
+    """Methods whose aux nets use convolutions need C x H x W features."""
+    if len(shape) != 3:
+        raise UserError(f"--method {method}: {what} need image-shaped features (C x H x W); this backbone gives "
+                        f"{'x'.join(map(str, shape))}")
 
 
 class LocalMethod(nn.Module):
     """Base class. Subclasses set `name`, implement `make_aux` (and optionally override `local_loss`)."""
     name = ""
+    options = {}                                  # option name -> Opt, the options this method introduces
+    bases, default_base, base_defaults = (), None, {}   # add-ons: accepted --base names, and defaults set for them
+    default_K = 16
 
-    def __init__(self, net, args, num_classes, shapes=None):
+    def __init__(self, net, opts, num_classes, shapes=None, chain=None):
         super().__init__()
         self.image_size, self.n_modules = net.image_size, net.K
         self.aux_shapes = net.boundary_shapes if shapes is None else shapes   # add-ons pass what their aux reads
-        self.aux = nn.ModuleList([self.make_aux(c, h, w, num_classes, args) for c, h, w in self.aux_shapes])
+        self.aux = nn.ModuleList([self.make_aux(shape, num_classes, opts) for shape in self.aux_shapes])
         init_weights(self)
 
-    @staticmethod
-    def add_args(parser):
-        """Method-specific flags (none for the baselines)."""
-
-    @staticmethod
-    def default_K(args):
-        return 16
-
     @classmethod
-    def check(cls, net, args):
+    def check(cls, net, opts):
         """Raise UserError for combinations this method cannot run (called before the aux nets are built)."""
 
     @classmethod
-    def adjust_ends(cls, ends, args):
+    def adjust_ends(cls, ends, opts):
         """Hook to change the split a method really builds (MAN merges a stem-alone module into module 1)."""
         return ends
 
-    def make_aux(self, c, h, w, num_classes, args):
+    def make_aux(self, shape, num_classes, opts):
         raise NotImplementedError
 
     def summary(self):
@@ -934,13 +1049,13 @@ class LocalMethod(nn.Module):
         return ""
 
     def aux_parts(self, k):
-        """Everything attached to local module k (for --print-splits)."""
+        """Everything attached to local module k (for --print-splits and the gradient bookkeeping)."""
         return [self.aux[k]]
 
     def aux_shape(self, k):
         return self.aux_shapes[k]
 
-    def aux_note(self, k, arch):
+    def aux_note(self, k, net):
         """Extra --print-splits text for module k (e.g. which units an AugLocal aux net imitates)."""
         return ""
 
@@ -969,8 +1084,9 @@ class LocalMethod(nn.Module):
         """Hook: module k's backward is done (every module, the last one included)."""
 
     def backward(self, k, loss, h_in, h_out, scaler):
-        """Backpropagate module k's loss (SGR adds its gradient-reconciliation term here)."""
-        if loss.requires_grad:  # False only when every term of a local loss has weight 0 (nothing to train)
+        """Backpropagate module k's loss (SGR adds its gradient-reconciliation term here). A loss without a graph
+        (every term weighted 0) has nothing to backpropagate; the step still gives the module zero gradients."""
+        if loss.requires_grad:
             scaler.scale(loss).backward()
 
 
@@ -978,13 +1094,10 @@ class LocalMethod(nn.Module):
 class BP(LocalMethod):
     """End-to-end backpropagation: one module (K = 1), the real head's cross-entropy, no aux nets."""
     name = "bp"
-
-    @staticmethod
-    def default_K(args):
-        return 1
+    default_K = 1
 
     @classmethod
-    def check(cls, net, args):
+    def check(cls, net, opts):
         if net.K != 1:
             raise UserError(f"--method bp trains end to end; use --K 1 (got --K {net.K})")
 
@@ -994,11 +1107,12 @@ class Greedy(LocalMethod):
     """Greedy supervised local learning (the InfoPro paper's "Greedy SL" baseline; Belilovsky et al. 2019).
 
     L_k = CE(W_k GAP(h_k) + b_k, y): each module is trained as if it were the last, through a linear head on
-    its pooled output (InfoPro's `0c1f` config with cross-entropy and weight 1)."""
+    its pooled output (InfoPro's `0c1f` config with cross-entropy and weight 1). Any feature shape works:
+    C x H x W maps are averaged over space, N x D tokens over tokens, D vectors are used as they are."""
     name = "greedy"
 
-    def make_aux(self, c, h, w, num_classes, args):
-        return GreedyAux(c, num_classes)
+    def make_aux(self, shape, num_classes, opts):
+        return GreedyAux(shape[0] if len(shape) == 3 else shape[-1], num_classes)
 
 
 @register
@@ -1007,11 +1121,12 @@ class DGL(LocalMethod):
 
     L_k = CE(g_k(h_k), y) with g_k DGL's official MLP-SR aux net (DGLAux). DGL steps each module's optimizer
     right after its backward; since every module's forward input is computed before any step, that is the same
-    update as our single shared SGD step."""
+    update as our single shared SGD step. On token (N x D) or vector features the head is DGLAux's MLP part on
+    the token mean (its 1x1-conv stage and 2x2 pooling need a spatial map)."""
     name = "dgl"
 
-    def make_aux(self, c, h, w, num_classes, args):
-        return DGLAux(c, h, num_classes)
+    def make_aux(self, shape, num_classes, opts):
+        return DGLAux(shape, num_classes)
 
 
 # (ixx_1, ixy_1, ixx_2, ixy_2) of the InfoPro repository's published commands (comand.sh; spec section 2.5),
@@ -1030,12 +1145,16 @@ INFOPRO_LAMBDAS = {
     ("svhn", "resnet110", 2, False): (1, 0.1, 0, 0), ("svhn", "resnet110", 4, False): (5, 0, 0.5, 1),
     ("svhn", "resnet110", 8, False): (5, 0, 0.5, 2), ("svhn", "resnet110", 16, False): (5, 0.2, 0.5, 1),
 }
+LAMBDA_NAMES = ("ixx_1", "ixy_1", "ixx_2", "ixy_2")
+# The four weight flags, shared by InfoPro (and its add-ons) and PredSim.
+LAMBDA_OPTIONS = {n: Opt(None, f"loss weight {n.replace('_', '-')}: reconstruction/similarity (ixx) or task (ixy) "
+                               f"term at the first (_1) and the last (_2) local module; default: the method's",
+                         type=float) for n in LAMBDA_NAMES}
 
 
-def resolve_lambdas(args, defaults, source):
-    """(ixx_1, ixy_1, ixx_2, ixy_2): the flags given on the command line, the rest from `defaults`; and a note
+def resolve_lambdas(given, defaults, source):
+    """(ixx_1, ixy_1, ixx_2, ixy_2): the values given (None = not given), the rest from `defaults`; and a note
     saying where they came from."""
-    given = [getattr(args, n) for n in ("ixx_1", "ixy_1", "ixx_2", "ixy_2")]
     values = tuple(d if v is None else v for v, d in zip(given, defaults))
     note = source if all(v is None for v in given) else "command line" + \
         ("" if all(v is not None for v in given) else f" (the others: {source})")
@@ -1068,6 +1187,28 @@ def published_lambdas(dataset, arch, K, balanced):
         f"not published for {dataset}/{arch}/K={K}; CIFAR-10 ResNet-110 K={near}'s"
 
 
+def infopro_aux(c, opts, num_classes, image_size, config=None, loss=None):
+    """Decoder + AuxClassifier of one InfoPro-style local loss (shared with MLAAN's InfoPro base)."""
+    return nn.ModuleDict(dict(decoder=Decoder(c, image_size, opts.aux_widen),
+                              head=AuxClassifier(c, config or opts.aux_config, loss or opts.local_loss, num_classes,
+                                                 opts.aux_widen, opts.aux_feature_dim)))
+
+
+def infopro_loss(aux, z, batch, l1, l2, contrast):
+    """l1 * BCE(decoder(z), x01) + l2 * {SupCon | CE}(head(z)); a term whose weight is 0 is not computed (same
+    gradients for everything that is used, less work). Returns (loss, logits or None)."""
+    loss, logits = z.new_zeros(()).float(), None
+    if l1:
+        loss = loss + l1 * F.binary_cross_entropy_with_logits(aux["decoder"](z).float(), batch.x01())
+    if l2:
+        out = aux["head"](z)
+        if contrast:
+            loss = loss + l2 * supcon_loss(out, batch.y)
+        else:
+            loss, logits = loss + l2 * F.cross_entropy(out.float(), batch.y), out
+    return loss, logits
+
+
 @register
 class InfoPro(LocalMethod):
     """InfoPro (Wang, Ni, Song, Yang, Huang: "Revisiting Locally Supervised Learning: an Alternative to End-to-end
@@ -1081,60 +1222,44 @@ class InfoPro(LocalMethod):
 
     over the local modules k = 0..K-2, so module 0 uses (ixx_1, ixy_1) and module K-2 (ixx_2, ixy_2). Defaults:
     head 1c2f, contrast (tau 0.07), feature dim 128, widen 1, lambdas from the published commands (printed).
-    InfoPro* = --balanced-memory (its split tables). A term whose weight is 0 is skipped: same gradients, less work."""
+    InfoPro* = --balanced-memory (its split tables). Needs image inputs and C x H x W features (the decoder
+    reconstructs the image)."""
     name = "infopro"
+    options = dict(
+        aux_config=Opt("1c2f", "InfoPro-family aux head, <n>c<m>f = n convs, m linears (default 1c2f; MAN: 2c2f)",
+                       choices=AuxClassifier.CONFIGS),
+        aux_widen=Opt(1.0, "width multiplier of decoder and aux head", type=float, lo=1e-9),
+        aux_feature_dim=Opt(128, "hidden/embedding width D of the aux head (the original's default 0 builds a "
+                            "broken head)", type=int, lo=1),
+        local_loss=Opt("contrast", "InfoPro task term: supervised contrastive (default) or softmax cross-entropy "
+                       "(default under MAN and MLAAN)", choices=("contrast", "cross_entropy")),
+        lambdas=Opt(lambda c: published_lambdas(c.dataset, c.arch, c.K, c.balanced_memory), None),
+        **LAMBDA_OPTIONS)
 
-    @staticmethod
-    def add_args(p):
-        p.add_argument("--aux-config", default=None, choices=AuxClassifier.CONFIGS,
-                       help="InfoPro-family aux head (default 1c2f; MAN: 2c2f); <n>c<m>f = n convs, m linears")
-        p.add_argument("--aux-widen", type=float, default=1.0, help="width multiplier of decoder and aux head")
-        p.add_argument("--aux-feature-dim", type=int, default=128, help="hidden/embedding width D of the aux head")
-        p.add_argument("--local-loss", default=None, choices=["contrast", "cross_entropy"],
-                       help="InfoPro task term: supervised contrastive (default) or softmax cross-entropy")
-        for n in ("ixx-1", "ixy-1", "ixx-2", "ixy-2"):
-            p.add_argument(f"--{n}", type=float, default=None,
-                           help=f"InfoPro loss weight {n} (reconstruction ixx / task ixy at the first (_1) and the "
-                                f"last (_2) local module); default: the published value for this setting")
+    @classmethod
+    def check(cls, net, opts):
+        if not (len(net.input_shape) == 3 and net.input_shape[0] == 3):
+            raise UserError(f"--method infopro: its decoder reconstructs the input image, which must be 3 x H x W "
+                            f"(this network reads {'x'.join(map(str, net.input_shape))})")
+        for shape in net.boundary_shapes:
+            need_image_features("infopro", shape, "its decoder and head")
 
-    defaults = dict(aux_config="1c2f", local_loss="contrast")
-
-    def __init__(self, net, args, num_classes, shapes=None):
-        for k, v in self.defaults.items():
-            if getattr(args, k) is None:
-                setattr(args, k, v)
-        if args.aux_feature_dim < 1:
-            raise UserError("--aux-feature-dim must be >= 1 (the original's default 0 builds a broken head)")
-        super().__init__(net, args, num_classes, shapes)
-        self.contrast = args.local_loss == "contrast"
-        self.set_lambdas(args, *published_lambdas(args.dataset, args.arch, net.K, args.balanced_memory))
-        n = net.K - 1                                      # local modules k = 0..K-2: r_k = k / (K-2)
-        self.weights = interpolate_lambdas(self.lambdas_all, module_positions(n))
-
-    def set_lambdas(self, args, defaults, source):
-        self.lambdas_all, self.lambda_source = resolve_lambdas(args, defaults, source)
+    def __init__(self, net, opts, num_classes, shapes=None, chain=None):
+        self.input_hw = net.input_shape[1:]
+        super().__init__(net, opts, num_classes, shapes)
+        self.contrast = opts.local_loss == "contrast"
+        self.lambdas_all, self.lambda_source = opts.lambdas
+        self.weights = interpolate_lambdas(self.lambdas_all, module_positions(net.K - 1))
 
     def summary(self):
         w = ", ".join(f"({a:g},{b:g})" for a, b in self.weights)
         return f"lambdas {self.lambdas_all} [{self.lambda_source}] per module (l1,l2): {w}"
 
-    def make_aux(self, c, h, w, num_classes, args):
-        return nn.ModuleDict(dict(decoder=Decoder(c, self.image_size, args.aux_widen),
-                                  head=AuxClassifier(c, args.aux_config, args.local_loss, num_classes,
-                                                     args.aux_widen, args.aux_feature_dim)))
+    def make_aux(self, shape, num_classes, opts):
+        return infopro_aux(shape[0], opts, num_classes, self.input_hw)
 
     def local_loss(self, k, z, batch):
-        l1, l2 = self.weights[k]
-        loss, logits = z.new_zeros(()).float(), None
-        if l1:
-            loss = loss + l1 * F.binary_cross_entropy_with_logits(self.aux[k]["decoder"](z).float(), batch.x01())
-        if l2:
-            out = self.aux[k]["head"](z)
-            if self.contrast:
-                loss = loss + l2 * supcon_loss(out, batch.y)
-            else:
-                loss, logits = loss + l2 * F.cross_entropy(out.float(), batch.y), out
-        return loss, logits
+        return infopro_loss(self.aux[k], z, batch, *self.weights[k], self.contrast)
 
 
 @register
@@ -1147,44 +1272,45 @@ class AugLocal(LocalMethod):
     Pyramidal depth (--pyramid c): D_k = max(1, round(d (1 - r_k) + r_k)), r_k = k c / (K' - 2), so depth falls
     linearly from d to (d + 1)/2 at c = 0.5. Module count, as the official script: it subtracts the aux depth
     from the requested number, K' = K - d: the last module takes the final d + 1 units with the real head and no
-    boundary falls inside them (ResNet-32 K=16 d=3 -> 13 modules; with multi-block modules, e.g. K=8, the
-    boundaries inside the last d + 1 units are dropped). Defaults: d = 3, no pyramid;
-    the official commands use d in {1, 3, 5} with --pyramid 0.5 (ResNet-32 K=16, ResNet-110 K=55)."""
+    boundary falls inside them. With one unit per module (the official ResNet-32 K=16 and ResNet-110 K=55 runs)
+    that is exactly K - d modules (16 -> 13 at d = 3); with multi-unit modules (e.g. ResNet-32 K=8) only the
+    boundaries inside the last d + 1 units are dropped, so more than K - d modules remain. Defaults: d = 3, no
+    pyramid; the official commands use d in {1, 3, 5} with --pyramid 0.5.
+    On our ResNets the copied blocks are rebuilt with the widths and strides that fit (like the official code);
+    on any other backbone the selected units are deep-copied and re-initialised, so their shapes must chain."""
     name = "auglocal"
-
-    @staticmethod
-    def add_args(p):
-        p.add_argument("--aux-depth", type=int, default=3, help="AugLocal: units per aux net d (official 1, 3, 5)")
-        p.add_argument("--pyramid", type=float, default=0.0, metavar="C",
-                       help="AugLocal pyramidal depth coefficient c (official commands 0.5; 0 = same depth d)")
+    options = dict(aux_depth=Opt(3, "AugLocal: units per aux net d (official 1, 3, 5)", type=int, lo=1),
+                   pyramid=Opt(0.0, "AugLocal pyramidal depth coefficient c (official commands 0.5; 0 = same depth d)",
+                               type=float, lo=0))
 
     @classmethod
-    def adjust_ends(cls, ends, args):
+    def adjust_ends(cls, ends, opts):
         # The last module takes the final d + 1 units: no aux net after any of them (with one unit per module
         # this is the official K' = K - d).
-        kept = [e for e in ends[:-1] if e <= ends[-1] - 1 - args.aux_depth] + ends[-1:]
-        if args.aux_depth < 1 or len(kept) < 2:
-            raise UserError(f"--aux-depth {args.aux_depth} with --K {len(ends)}: AugLocal's last module takes the "
+        kept = [e for e in ends[:-1] if e <= ends[-1] - 1 - opts.aux_depth] + ends[-1:]
+        if len(kept) < 2:
+            raise UserError(f"--aux-depth {opts.aux_depth} with --K {len(ends)}: AugLocal's last module takes the "
                             f"final d + 1 units and at least one local module must remain")
         return kept
 
-    def __init__(self, net, args, num_classes, shapes=None):
+    def __init__(self, net, opts, num_classes, shapes=None, chain=None):
         n = net.K - 1
-        self.depths = [max(1, round(args.aux_depth * (1 - r) + r))
-                       for r in (k * args.pyramid / (n - 1) if n > 1 else 0.0 for k in range(n))]
-        self.ends, self.unit_shapes, self.block = net.ends, net.unit_shapes, ARCHS[net.arch][1]
+        self.depths = [max(1, round(opts.aux_depth * (1 - r) + r))
+                       for r in (k * opts.pyramid / (n - 1) if n > 1 else 0.0 for k in range(n))]
+        self.net_ref = [net]                               # a plain list: the backbone is not part of the method
         self._k = iter(range(n))
-        super().__init__(net, args, num_classes, shapes)
+        super().__init__(net, opts, num_classes, shapes)
 
-    def make_aux(self, c, h, w, num_classes, args):
+    def make_aux(self, shape, num_classes, opts):
         k = next(self._k)
-        return AugLocalAux(self.ends[k], self.depths[k], self.unit_shapes, self.block, num_classes)
+        net = self.net_ref[0]
+        return AugLocalAux(net.ends[k], self.depths[k], net, num_classes)
 
     def summary(self):
         return "aux depths " + " ".join(map(str, self.depths))
 
-    def aux_note(self, k, arch):
-        return "copies " + ",".join(unit_name(arch, j) for j in self.aux[k].selected)
+    def aux_note(self, k, net):
+        return "copies " + ",".join(net.unit_name(j) for j in self.aux[k].selected)
 
 
 @register
@@ -1196,15 +1322,20 @@ class PredSim(LocalMethod):
     with S the row-centred cosine similarity matrix (similarity_matrix). Weights (ixx, ixy) = (0.99, 0.01) at every
     module (the official commands; --ixx-1/--ixy-1/--ixx-2/--ixy-2 interpolate over modules as InfoPro's)."""
     name = "predsim"
+    options = dict(lambdas=Opt(((0.99, 0.01, 0.99, 0.01), "official commands"), None), **LAMBDA_OPTIONS)
 
-    def __init__(self, net, args, num_classes, shapes=None):
-        super().__init__(net, args, num_classes, shapes)
-        lam, _ = resolve_lambdas(args, (0.99, 0.01, 0.99, 0.01), "official commands")
-        n, self.num_classes = len(self.aux), num_classes
-        self.weights = interpolate_lambdas(lam, module_positions(n))
+    @classmethod
+    def check(cls, net, opts):
+        for shape in net.boundary_shapes:
+            need_image_features("predsim", shape)
 
-    def make_aux(self, c, h, w, num_classes, args):
-        return PredSimAux(c, h, w, num_classes)
+    def __init__(self, net, opts, num_classes, shapes=None, chain=None):
+        super().__init__(net, opts, num_classes, shapes)
+        self.num_classes = num_classes
+        self.weights = interpolate_lambdas(opts.lambdas[0], module_positions(len(self.aux)))
+
+    def make_aux(self, shape, num_classes, opts):
+        return PredSimAux(*shape, num_classes)
 
     def local_loss(self, k, z, batch):
         l_sim, l_pred = self.weights[k]
@@ -1232,55 +1363,13 @@ def ema_update(ema, src, decay):
 
 
 class AddOn(LocalMethod):
-    """Base class of add-ons. `--base` names what it wraps, possibly itself an add-on: `--method sgr --base man+dgl`
-    is SGR on MAN on DGL. The base's aux nets are built on the shapes `aux_input` produces; every hook an add-on
-    does not override is passed down to its base."""
-    bases, default_base = (), None
+    """Base class of add-ons that wrap an instance of their base method (`self.base`), possibly itself an add-on:
+    `--method sgr --base man+dgl` is SGR on MAN on DGL. The base's aux nets are built on the shapes `aux_input`
+    produces; every hook an add-on does not override is passed down to its base."""
 
-    def __init__(self, net, args, num_classes, shapes=None, chain=None, aux_shapes=None):
-        super().__init__(net, args, num_classes, shapes=[])
-        name, rest = split_chain(chain or args.base)
-        base_cls = METHODS[name]
-        kw = dict(chain=rest or base_cls.default_base) if issubclass(base_cls, AddOn) else {}
-        self.base = base_cls(net, args, num_classes, shapes=aux_shapes or shapes, **kw)
-
-    @classmethod
-    def chain(cls, args):
-        """[(add-on class, its base name), ...] down the --base chain."""
-        out, c, chain = [], cls, args.base
-        while issubclass(c, AddOn):
-            name, rest = split_chain(chain or c.default_base)
-            out.append((c, name))
-            c, chain = METHODS.get(name), rest
-            if c is None:
-                raise UserError(f"--base {args.base}: unknown method {name}")
-        return out
-
-    @classmethod
-    def check(cls, net, args):
-        chain = cls.chain(args)
-        for c, name in chain:
-            if name not in c.bases:
-                raise UserError(f"--method {c.name} composes with --base {', '.join(c.bases)}; not {name}")
-        for c, _ in chain:
-            c.check_own(net, args)
-        METHODS[chain[-1][1]].check(net, args)              # the innermost, plain base
-
-    @classmethod
-    def check_own(cls, net, args):
-        """Checks of this add-on itself (the chain's other links are checked by `check`)."""
-
-    @classmethod
-    def adjust_ends(cls, ends, args):
-        for c, name in reversed(cls.chain(args)):          # innermost base first
-            if not issubclass(METHODS[name], AddOn):
-                ends = METHODS[name].adjust_ends(ends, args)
-            ends = c.adjust_ends_own(ends, args)
-        return ends
-
-    @classmethod
-    def adjust_ends_own(cls, ends, args):
-        return ends
+    def __init__(self, net, opts, num_classes, shapes=None, chain=None, aux_shapes=None):
+        super().__init__(net, opts, num_classes, shapes=[])
+        self.base = make_method(net, chain[1:], opts, num_classes, shapes=aux_shapes or shapes)
 
     def summary(self):
         return f"base {self.base.name}" + (f"; {self.base.summary()}" if self.base.summary() else "")
@@ -1291,8 +1380,8 @@ class AddOn(LocalMethod):
     def aux_shape(self, k):
         return self.base.aux_shape(k)
 
-    def aux_note(self, k, arch):
-        return self.base.aux_note(k, arch)
+    def aux_note(self, k, net):
+        return self.base.aux_note(k, net)
 
     def aux_input(self, k, h):
         return self.base.aux_input(k, h)
@@ -1324,12 +1413,6 @@ def merge_stem(ends):
     return [e for e in ends if e != 0]
 
 
-def split_chain(chain):
-    """'man+dgl' -> ('man', 'dgl'); 'dgl' -> ('dgl', '')."""
-    name, _, rest = chain.partition("+")
-    return name, rest
-
-
 @register
 class MAN(AddOn):
     """MAN, Momentum Auxiliary Network (Su et al., ECCV 2024; official code JunhaoSu0/MAN), on InfoPro or DGL.
@@ -1352,37 +1435,32 @@ class MAN(AddOn):
     DGL base: z_k feeds DGL's aux net with CE, weight 1 (inferred: the public MAN code has no DGL variant)."""
     name = "man"
     bases, default_base = ("infopro", "dgl"), "infopro"
-
-    @staticmethod
-    def add_args(p):
-        p.add_argument("--ema-decay", type=float, default=0.995,
-                       help="MAN/MLAAN EMA decay m: ema <- m ema + (1-m) block (official MAN default 1.0 freezes it)")
-        p.add_argument("--man-init", default="random", choices=["random", "copy"],
-                       help="MAN EMA/LB copies start random (official) or as copies of the tracked block (ours)")
+    base_defaults = {"infopro": dict(aux_config="2c2f", local_loss="cross_entropy",
+                                     lambdas=((5, 0.5, 0, 0), "MAN README command"))}
+    options = dict(
+        ema_decay=Opt(0.995, "MAN/MLAAN EMA decay m: ema <- m ema + (1-m) block (official MAN default 1.0 freezes "
+                      "it)", type=float, lo=0, hi=1),
+        man_init=Opt("random", "MAN EMA/LB copies start random (official) or as copies of the tracked block (ours)",
+                     choices=("random", "copy")))
 
     @classmethod
-    def adjust_ends_own(cls, ends, args):
+    def adjust_ends(cls, ends, opts):
         return merge_stem(ends)                             # the stem always runs in front of module 1
 
-    def __init__(self, net, args, num_classes, shapes=None, chain=None):
-        base = split_chain(chain or args.base)[0]
-        if base == "infopro":
-            for k, v in dict(aux_config="2c2f", local_loss="cross_entropy").items():
-                if getattr(args, k) is None:
-                    setattr(args, k, v)
+    def __init__(self, net, opts, num_classes, shapes=None, chain=None):
         nxt = [net.units[e + 1] for e in net.ends[:-1]]    # B_{k+1}: first block of module k+1
-        super().__init__(net, args, num_classes, chain=chain,
+        super().__init__(net, opts, num_classes, chain=chain,
                          aux_shapes=[net.unit_shapes[e + 1] for e in net.ends[:-1]])
-        self.decay, self.tracked = args.ema_decay, nxt      # plain list: the tracked blocks belong to the backbone
-        self.ema = nn.ModuleList([_clone_block(b, args.man_init) for b in nxt])
-        self.lb = nn.ModuleList([_clone_block(b, args.man_init) for b in nxt])
+        self.decay, self.tracked = opts.ema_decay, nxt      # plain list: the tracked blocks belong to the backbone
+        ours = net.arch in ARCHS
+        self.ema = nn.ModuleList([fresh_copy(b, opts.man_init, ours) for b in nxt])
+        self.lb = nn.ModuleList([fresh_copy(b, opts.man_init, ours) for b in nxt])
         for p in self.ema.parameters():
             p.requires_grad_(False)
-        if base == "infopro":
-            stages = [unit_position(net.arch, e + 1)[0] for e in net.ends[:-1]]
-            self.base.set_lambdas(args, (5, 0.5, 0, 0), "MAN README command")
+        if chain[1] == "infopro":
+            stages = [net.stage(e + 1) for e in net.ends[:-1]]
             self.base.weights = interpolate_lambdas(self.base.lambdas_all,
-                                                    [s / (args.K - 2) if args.K > 2 else 0.0 for s in stages])
+                                                    [s / (opts.K - 2) if opts.K > 2 else 0.0 for s in stages])
 
     def summary(self):
         return super().summary() + f"; EMA decay {self.decay}"
@@ -1396,17 +1474,6 @@ class MAN(AddOn):
     def after_backward(self, k):
         if k < self.n_modules - 1:
             ema_update(self.ema[k], self.tracked[k], self.decay)
-
-
-def _clone_block(block, init):
-    """A new block with `block`'s architecture: He-initialised afresh (official MAN) or a copy of its weights."""
-    clone = copy.deepcopy(block)
-    if init == "random":
-        for m in clone.modules():
-            if hasattr(m, "reset_parameters") and m is not clone:
-                m.reset_parameters()
-        init_weights(clone)
-    return clone
 
 
 # MLAAN's leap chains (its configAuxPlus_new tables): for boundary i, the backbone blocks ("stage.block") whose
@@ -1424,7 +1491,7 @@ MLAAN_CHAINS = {
 
 
 @register
-class MLAAN(AddOn):
+class MLAAN(LocalMethod):
     """MLAAN, Multilaminar Leap Augmented Auxiliary Network (Zhang et al., AAAI 2025, arXiv 2406.16633; official
     code Wendy231015/MLAAN). Three parts per boundary i (loss only for i >= D-1, D = cascade depth):
 
@@ -1453,37 +1520,35 @@ class MLAAN(AddOn):
     parts that are used are built (the official constructors also build hundreds of dead heads)."""
     name = "mlaan"
     bases, default_base = ("infopro", "dgl", "greedy"), "infopro"
+    base_defaults = {"greedy": dict(mlaan_depth=2), "dgl": dict(mlaan_depth=3),
+                     "infopro": dict(mlaan_depth=3, aux_config="1c2f", local_loss="cross_entropy",
+                                     lambdas=((5, 0.5, 0, 0), "MLAAN README command"))}
+    options = dict(
+        ema_decay=MAN.options["ema_decay"],
+        mlaan_ema=Opt("last", "MLAAN: EMA-update only the last boundary's copy (official CIFAR code) or every one",
+                      choices=("last", "all")),
+        mlaan_depth=Opt(None, "MLAAN: modules re-run by the cascade branch (default: 2 on greedy, 3 on dgl/infopro)",
+                        type=int, lo=1))
     W_INDEP, W_CASCADE = 0.001, 0.999
 
-    @staticmethod
-    def add_args(p):
-        p.add_argument("--mlaan-ema", default="last", choices=["last", "all"],
-                       help="MLAAN: EMA-update only the last boundary's copy (official CIFAR code) or every one")
-        p.add_argument("--mlaan-depth", type=int, default=None,
-                       help="MLAAN: modules re-run by the cascade branch (default: 2 on greedy, 3 on dgl/infopro)")
-
     @classmethod
-    def adjust_ends_own(cls, ends, args):
+    def adjust_ends(cls, ends, opts):
         return merge_stem(ends)                             # the stem is trained with module 1, as in MAN
 
     @classmethod
-    def check_own(cls, net, args):
-        if args.mlaan_depth is not None and not 1 <= args.mlaan_depth <= net.K - 1:
-            raise UserError(f"--mlaan-depth {args.mlaan_depth}: between 1 and the number of modules - 1 ({net.K - 1})")
+    def check(cls, net, opts):
         if (net.arch, net.K) not in MLAAN_CHAINS:
             raise UserError(f"--method mlaan: leap tables exist for resnet32 K=8,16 and resnet110 K=32,55 "
-                            f"(got {net.arch} K={args.K})")
+                            f"(got {net.arch or 'a custom backbone'} K={opts.K})")
+        if not opts.mlaan_depth <= net.K - 1:
+            raise UserError(f"--mlaan-depth {opts.mlaan_depth}: between 1 and the number of modules - 1 ({net.K - 1})")
 
-    def __init__(self, net, args, num_classes, shapes=None, chain=None):
-        LocalMethod.__init__(self, net, args, num_classes, shapes=[])
-        self.kind = split_chain(chain or args.base)[0]
-        self.depth = args.mlaan_depth or (2 if self.kind == "greedy" else 3)
-        self.contrast = self.kind == "infopro" and args.local_loss == "contrast"
-        self.decay, self.ema_all, self.net_ref = args.ema_decay, args.mlaan_ema == "all", [net]
-        if self.kind == "infopro":
-            for k, v in dict(aux_config="1c2f", local_loss="cross_entropy").items():
-                if getattr(args, k) is None:
-                    setattr(args, k, v)
+    def __init__(self, net, opts, num_classes, shapes=None, chain=None):
+        LocalMethod.__init__(self, net, opts, num_classes, shapes=[])
+        self.kind, self.depth = chain[1], opts.mlaan_depth
+        self.contrast = self.kind == "infopro" and opts.local_loss == "contrast"
+        self.decay, self.ema_all, self.net_ref = opts.ema_decay, opts.mlaan_ema == "all", [net]
+        self.input_hw = net.input_shape[1:]
         M, pos = net.K, {unit_position(net.arch, u): u for u in range(len(net.units))}
         chains = [[pos[tuple(map(int, b.split(".")))] for b in c.split()] for n, c in MLAAN_CHAINS[(net.arch, M)]
                   for _ in range(n)]
@@ -1496,25 +1561,25 @@ class MLAAN(AddOn):
         self.ema = nn.ModuleDict({str(i): copy.deepcopy(net.units[chains[i][0]]) for i in live})
         for p in self.ema.parameters():
             p.requires_grad_(False)
-        self.indep = nn.ModuleDict({str(i): self._head(shape(i)[0], num_classes, args, independent=True) for i in live})
+        self.indep = nn.ModuleDict({str(i): self._head(shape(i)[0], num_classes, opts, independent=True) for i in live})
         c_last = net.unit_shapes[-1][0]
-        self.cascade = nn.ModuleDict({str(i): self._head(c_last, num_classes, args, independent=False) for i in live})
+        self.cascade = nn.ModuleDict({str(i): self._head(c_last, num_classes, opts, independent=False) for i in live})
         init_weights(self.indep)
         init_weights(self.cascade)
         if self.kind == "infopro":
-            self.lambdas_all, self.lambda_source = resolve_lambdas(args, (5, 0.5, 0, 0), "MLAAN README command")
-            stages = [unit_position(net.arch, net.ends[i])[0] for i in range(M - 1)]
+            self.lambdas_all, self.lambda_source = opts.lambdas
+            stages = [net.stage(net.ends[i]) for i in range(M - 1)]
             self.weights = interpolate_lambdas(self.lambdas_all, [s / (M - 2) if M > 2 else 0.0 for s in stages])
         self.inputs = []
 
-    def _head(self, c, num_classes, args, independent):
+    def _head(self, c, num_classes, opts, independent):
         if self.kind == "greedy":
             return GreedyAux(c, num_classes)
         if self.kind == "dgl":
             return MLAANDGLAux(c, num_classes)
-        cfg, mode = ("1c2f", "contrast") if independent else (args.aux_config, args.local_loss)
-        return nn.ModuleDict(dict(decoder=Decoder(c, self.image_size, args.aux_widen),
-                                  head=AuxClassifier(c, cfg, mode, num_classes, args.aux_widen, args.aux_feature_dim)))
+        if independent:                                     # the independent classifier: always 1c2f SupCon
+            return infopro_aux(c, opts, num_classes, self.input_hw, "1c2f", "contrast")
+        return infopro_aux(c, opts, num_classes, self.input_hw)
 
     def summary(self):
         s = f"base {self.kind}, cascade depth {self.depth}, EMA decay {self.decay} ({'all' if self.ema_all else 'last'})"
@@ -1527,19 +1592,13 @@ class MLAAN(AddOn):
     def aux_shape(self, k):
         return self.net_ref[0].unit_shapes[self.net_ref[0].ends[k]]
 
-    def aux_note(self, k, arch):
+    def aux_note(self, k, net):
         if k < self.first:
             return "(no loss: trained by the next modules' cascade)"
-        return "leap " + ",".join(unit_name(arch, u) for u in self.chain_units[k])
-
-    def aux_input(self, k, h):
-        return h
+        return "leap " + ",".join(net.unit_name(u) for u in self.chain_units[k])
 
     def start_module(self, k, h_in):
         self.inputs = ([] if k == 0 else self.inputs[-(self.depth - 1):] if self.depth > 1 else []) + [h_in]
-
-    def needs_input_grad(self, k):
-        return False
 
     def module_needs_graph(self, k):
         # The last module's loss and those before the first boundary with a loss do not use the module's own
@@ -1587,9 +1646,6 @@ class MLAAN(AddOn):
             if str(i) in self.ema:
                 ema_update(self.ema[str(i)], self.net_ref[0].units[self.chain_units[i][0]], self.decay)
 
-    def backward(self, k, loss, h_in, h_out, scaler):
-        LocalMethod.backward(self, k, loss, h_in, h_out, scaler)
-
 
 def sgr_distance(a, b, kind):
     """Distance between module j's input gradient a and the previous module's output gradient b (B x ...).
@@ -1630,25 +1686,24 @@ class SGR(AddOn):
     # Not MLAAN: its losses reach the module's input through the cascade re-run, not through h_{j-1}.
     bases, default_base = ("greedy", "dgl", "predsim", "infopro", "auglocal", "man"), "infopro"
 
-    @staticmethod
-    def add_args(p):
-        p.add_argument("--sgr-weight", type=float, default=0.1, help="SGR: weight lambda of the reconciliation term")
-        p.add_argument("--sgr-distance", default="sq_l2", choices=["sq_l2", "l2", "cos"],
-                       help="SGR: distance between the two gradients (on per-sample, batch-scaled gradients)")
-        p.add_argument("--sgr-target", default="plain", choices=["plain", "regularised"],
-                       help="SGR: b_j is the gradient of module j's plain local loss, or of the loss with its own term")
+    options = dict(
+        sgr_weight=Opt(0.1, "SGR: weight lambda of the reconciliation term", type=float, lo=0),
+        sgr_distance=Opt("sq_l2", "SGR: distance between the two gradients (on per-sample, batch-scaled gradients)",
+                         choices=("sq_l2", "l2", "cos")),
+        sgr_target=Opt("plain", "SGR: b_j is the gradient of module j's plain local loss, or of the loss with its "
+                       "own term", choices=("plain", "regularised")))
 
     def needs_input_grad(self, k):
         return k > 0 and self.target is not None
 
     @classmethod
-    def check_own(cls, net, args):
-        if args.amp == "fp16":
+    def check(cls, net, opts):
+        if opts.amp == "fp16":
             raise UserError("--method sgr: double backward under fp16 loss scaling is not supported; use --amp bf16")
 
-    def __init__(self, net, args, num_classes, shapes=None, chain=None):
-        super().__init__(net, args, num_classes, shapes, chain)
-        self.weight, self.kind, self.plain_target = args.sgr_weight, args.sgr_distance, args.sgr_target == "plain"
+    def __init__(self, net, opts, num_classes, shapes=None, chain=None):
+        super().__init__(net, opts, num_classes, shapes, chain)
+        self.weight, self.kind, self.plain_target = opts.sgr_weight, opts.sgr_distance, opts.sgr_target == "plain"
         self.target = None
 
     def start_module(self, k, h_in):
@@ -1670,6 +1725,106 @@ class SGR(AddOn):
         if k < self.n_modules - 1:                          # b_k, handed to module k+1 (detached)
             self.target = torch.autograd.grad(loss if self.plain_target else total, h_out, retain_graph=True)[0]
         self.base.backward(k, total, h_in, h_out, scaler)
+
+
+# ---- putting a method together: chains, options, attach -------------------------------------------------------
+# `attach(net, "sgr", base="man+dgl", sgr_weight=0.2)` is how the command line and a user's script build a
+# method: the chain of methods is validated, its options are resolved (the one place where defaults live), the
+# split is adjusted where a method requires it, and the method is built on the net's dry-run shapes.
+
+CONTEXT = dict(dataset=None, arch=None, K=None, balanced_memory=False, amp="none")  # what option defaults may use
+
+
+def method_chain(method, base=None):
+    """The method and its bases, outermost first: ("sgr", "man+dgl") -> ["sgr", "man", "dgl"]. An add-on without a
+    base gets its default one; each link must accept the next as its base."""
+    if method not in METHODS:
+        raise UserError(f"unknown method {method} (one of {', '.join(sorted(METHODS))})")
+    given, chain = (base.split("+") if base else []), [method]
+    while METHODS[chain[-1]].bases:
+        cls = METHODS[chain[-1]]
+        nxt = given.pop(0) if given else cls.default_base
+        if nxt not in METHODS:
+            raise UserError(f"--base {base}: unknown method {nxt}")
+        if nxt not in cls.bases:
+            raise UserError(f"--method {cls.name} composes with --base {', '.join(cls.bases)}; not {nxt}")
+        chain.append(nxt)
+    if given:
+        wrappers = ", ".join(n for n, c in METHODS.items() if c.bases)
+        raise UserError(f"--base applies to add-on methods only ({wrappers}); {chain[-1]} takes no base "
+                        f"(got --base {base} with --method {method})")
+    return chain
+
+
+def all_options():
+    """Every method option (name -> Opt), each declared once by the method that introduces it."""
+    out = {}
+    for cls in METHODS.values():
+        for name, o in cls.options.items():
+            out.setdefault(name, o)
+    return out
+
+
+def method_options(chain, given, **context):
+    """Resolve every option of the methods in `chain`, in one place: the value given (None = not given), else
+    what the nearest add-on above sets for its base (`base_defaults`), else the option's own default (which may
+    depend on the context: dataset, arch, nominal K, ...). Returns a Namespace with the context, the chain and
+    every option; `lambdas` holds ((ixx_1, ixy_1, ixx_2, ixy_2), where they came from)."""
+    classes = [METHODS[n] for n in chain]
+    declared = {}
+    for c in classes:
+        for name, o in c.options.items():
+            declared.setdefault(name, o)
+    wrong = [n for n, v in given.items() if v is not None and n not in declared]
+    if wrong:
+        owners = [m for m, c in METHODS.items() if wrong[0] in c.options]
+        raise UserError(f"--{wrong[0].replace('_', '-')} does not apply to {'+'.join(chain)}"
+                        + (f" (it is an option of {', '.join(owners)})" if owners else " (no method has it)"))
+    opts = argparse.Namespace(**{**CONTEXT, **context}, chain=tuple(chain))
+    for name, o in declared.items():
+        value = given.get(name)
+        if value is None:
+            value = next((c.base_defaults[b][name] for c, b in zip(classes, chain[1:])
+                          if name in c.base_defaults.get(b, {})), o.default)
+            value = value(opts) if callable(value) else value
+        flag = f"--{name.replace('_', '-')}"
+        if o.lo is not None and value is not None and value < o.lo:
+            raise UserError(f"{flag} must be >= {o.lo if o.lo != 1e-9 else 'a positive number'}, got {value}")
+        if o.hi is not None and value is not None and value > o.hi:
+            raise UserError(f"{flag} must be in [{o.lo}, {o.hi}], got {value}")
+        if o.choices and value not in o.choices:
+            raise UserError(f"{flag} {value}: one of {', '.join(o.choices)}")
+        setattr(opts, name, value)
+    if "lambdas" in declared:   # weight flags given on the command line override single entries of the default
+        opts.lambdas = resolve_lambdas([getattr(opts, n) for n in LAMBDA_NAMES], *opts.lambdas)
+    return opts
+
+
+def make_method(net, chain, opts, num_classes, shapes=None):
+    """Build chain[0] (add-ons build their base themselves, from chain[1:])."""
+    return METHODS[chain[0]](net, opts, num_classes, shapes=shapes, chain=list(chain))
+
+
+def attach(net, method, base=None, num_classes=None, dataset=None, K=None, balanced_memory=False, amp="none",
+           **options):
+    """Build `method` (with `base` for add-ons, e.g. attach(net, "man", base="dgl")) for the LocalNet `net`.
+
+    Options are keyword arguments named like the command-line flags (ema_decay=0.99, aux_depth=3, ...); one that
+    does not apply to this method chain is an error. num_classes defaults to the width of the net's head; the
+    context (dataset, nominal K, ...) picks published defaults where there are some (InfoPro's lambdas). The
+    net's split is changed where the method requires it: MAN and MLAAN merge a stem-alone module into module 1,
+    AugLocal's last module takes the final d + 1 units. Returns the method (an nn.Module holding the aux nets)."""
+    chain = method_chain(method, base)
+    opts = method_options(chain, options, dataset=dataset, arch=net.arch, K=net.K if K is None else K,
+                          balanced_memory=balanced_memory, amp=amp)
+    ends = list(net.ends)
+    for name in reversed(chain):                           # the innermost base first
+        ends = METHODS[name].adjust_ends(ends, opts)
+    if ends != net.ends:
+        net.set_split(ends)
+    for name in chain:
+        METHODS[name].check(net, opts)
+    return make_method(net, chain, opts, num_classes or net.num_classes)
 
 
 # =============================================================================================================
@@ -1852,25 +2007,18 @@ def resolve_config(args):
         if args.norm:
             raise UserError("--norm applies to --dataset folder only")
         spec = DATASETS[args.dataset]
-    cls = METHODS[args.method]
-    if issubclass(cls, AddOn):
-        args.base = args.base or cls.default_base
-        cls.chain(args)                                    # unknown names fail here, with one line
-    elif args.base is not None:
-        raise UserError(f"--base applies to add-on methods only (man, mlaan, sgr); --method {args.method} "
-                        f"is not one")
-    args.K = cls.default_K(args) if args.K is None else args.K
+    chain = method_chain(args.method, args.base)          # unknown or incompatible names fail here, in one line
+    args.base = "+".join(chain[1:]) or None
+    args.K = METHODS[args.method].default_K if args.K is None else args.K
     args.batch_size = args.batch_size or spec.batch
     args.lr = spec.lr if args.lr is None else args.lr
     args.epochs = spec.epochs if args.epochs is None else args.epochs
-    least = dict(batch_size=2, epochs=1, bench=0, subset=0, test_subset=0, mem_iters=0, lr=0, wd=0, warmup_epochs=0,
-                 aux_widen=1e-9, aux_feature_dim=1, sgr_weight=0, ema_decay=0)
+    least = dict(batch_size=2, epochs=1, bench=0, subset=0, test_subset=0, mem_iters=0, lr=0, wd=0, warmup_epochs=0)
     for name, lo in least.items():   # (batch >= 2: train-mode BatchNorm needs two samples)
         if getattr(args, name) < lo:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {lo if lo != 1e-9 else 'a positive number'}, "
-                            f"got {getattr(args, name)}")
-    if args.subset == 1 or args.ema_decay > 1:
-        raise UserError("--subset needs at least 2 images" if args.subset == 1 else "--ema-decay must be in [0, 1]")
+            raise UserError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
+    if args.subset == 1:
+        raise UserError("--subset needs at least 2 images")
     for flag, path in (("--save", args.save), ("--out", args.out)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise UserError(f"{flag} {path}: folder {os.path.dirname(os.path.abspath(path))} does not exist")
@@ -1880,11 +2028,13 @@ def resolve_config(args):
 
 
 def build(args, spec):
-    cls = METHODS[args.method]
-    ends = cls.adjust_ends(split_ends(args.arch, args.K, args.balanced_memory, spec.name), args)
-    net = LocalNet(args.arch, spec.classes, ends, spec.size)
-    cls.check(net, args)
-    return net, cls(net, args, spec.classes)
+    """The command line is the first user of the Python API: our ResNet as a LocalNet, then `attach`."""
+    net = LocalNet.resnet(args.arch, spec.classes, split_ends(args.arch, args.K, args.balanced_memory, spec.name),
+                          spec.size)
+    options = {name: getattr(args, name) for name, o in all_options().items() if o.help is not None}
+    method = attach(net, args.method, args.base, spec.classes, dataset=spec.name, K=args.K,
+                    balanced_memory=args.balanced_memory, amp=args.amp, **options)
+    return net, method
 
 
 def print_splits(net, method):
@@ -1892,14 +2042,14 @@ def print_splits(net, method):
     print(f"{net.arch}: {net.K} module(s), backbone {n(net):,} params, aux nets {n(method):,} params")
     print(f"{'module':>6}  {'units':<14} {'blocks':>6} {'params':>10}  {'aux input':<12} {'aux params':>10}")
     for k, (a, b) in enumerate(net.bounds):
-        names = unit_name(net.arch, a) + ("" if b - a == 1 else "-" + unit_name(net.arch, b - 1))
+        names = net.unit_name(a) + ("" if b - a == 1 else "-" + net.unit_name(b - 1))
         nb = b - a - (a == 0)
-        p = sum(n(u) for u in net.units[a:b]) + (n(net.fc) if k == net.K - 1 else 0)
+        p = sum(n(u) for u in net.units[a:b]) + (n(net.head) if k == net.K - 1 else 0)
         if k < net.K - 1:
             shape, ap = "x".join(map(str, method.aux_shape(k))), f"{sum(n(m) for m in method.aux_parts(k)):,}"
-            note = method.aux_note(k, net.arch)
+            note = method.aux_note(k, net)
         else:
-            shape, ap, note = "(head)", f"{n(net.fc):,}", ""
+            shape, ap, note = "(head)", f"{n(net.head):,}", ""
         print(f"{k:>6}  {names:<14} {nb:>6} {p:>10,}  {shape:<12} {ap:>10}  {note}".rstrip())
 
 

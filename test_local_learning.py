@@ -82,11 +82,10 @@ def train_args(cifar_dir, *extra):
 
 # ------------------------------------------------------------------------------------------------ backbone, splits
 
-def build(arch="resnet32", method="dgl", K=16, classes=10, size=32, extra=()):
-    args = L.parse_args(["--method", method, "--arch", arch, "--K", str(K), *extra])
-    ends = L.split_ends(arch, K, args.balanced_memory, "cifar10")
-    net = L.LocalNet(arch, classes, ends, size)
-    return net, L.METHODS[method](net, args, classes)
+def build(arch="resnet32", method="dgl", K=16, classes=10, size=32, **options):
+    net = L.LocalNet.resnet(arch, classes, L.split_ends(arch, K, options.get("balanced_memory", False), "cifar10"),
+                            size)
+    return net, L.attach(net, method, dataset="cifar10", **options)
 
 
 def build_cli(*argv):
@@ -104,10 +103,10 @@ def module_sizes(arch, K, balanced=False, dataset="cifar10"):
 
 
 def test_backbone_parameter_counts():
-    assert n_params(L.LocalNet("resnet32", 10, [15], 32)) == 466_906
-    assert n_params(L.LocalNet("resnet110", 10, [54], 32)) == 1_730_714
+    assert n_params(L.LocalNet.resnet("resnet32", 10, [15], 32)) == 466_906
+    assert n_params(L.LocalNet.resnet("resnet110", 10, [54], 32)) == 1_730_714
     import torchvision
-    assert n_params(L.LocalNet("resnet50", 1000, [16], 64)) == n_params(torchvision.models.resnet50())
+    assert n_params(L.LocalNet.resnet("resnet50", 1000, [16], 64)) == n_params(torchvision.models.resnet50())
 
 
 def test_published_split_tables():
@@ -130,7 +129,7 @@ def test_published_split_tables():
     assert module_sizes("resnet110", 4, True, "cifar10") == [7, 8, 12, 27]
     assert module_sizes("resnet110", 3, True, "stl10") == [9, 11, 34]
     # Boundary positions of one table, verbatim: ResNet-32 K=4 ends after L1.2, L2.1, L3.0.
-    net = L.LocalNet("resnet32", 10, L.split_ends("resnet32", 4), 32)
+    net = L.LocalNet.resnet("resnet32", 10, L.split_ends("resnet32", 4), 32)
     assert [L.unit_name("resnet32", e) for e in net.ends] == ["L1.2", "L2.1", "L3.0", "L3.4"]
     assert net.boundary_shapes == [(16, 32, 32), (32, 16, 16), (64, 8, 8)]
 
@@ -148,7 +147,7 @@ def test_even_split_and_impossible_K():
 def test_dgl_and_greedy_aux_parameter_counts():
     # Spec (run-verified official module): 14,410 / 54,922 / 214,282, which includes an unused BatchNorm2d(C).
     for (c, s), official in {(16, 32): 14_410, (32, 16): 54_922, (64, 8): 214_282}.items():
-        assert n_params(L.DGLAux(c, s, 10)) + 2 * c == official
+        assert n_params(L.DGLAux((c, s, s), 10)) + 2 * c == official
     assert [n_params(L.GreedyAux(c, 10)) for c in (16, 32, 64)] == [170, 330, 650]   # spec 0c1f + CE
 
 
@@ -174,7 +173,7 @@ def test_gradient_isolation(method, extra):
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     batch = L.Batch(x, y, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
     owned = lambda k: [p for u in net.units[net.bounds[k][0]:net.bounds[k][1]] for p in u.parameters()] + \
-        ([p for part in method.aux_parts(k) for p in part.parameters()] if k < net.K - 1 else list(net.fc.parameters()))
+        ([p for part in method.aux_parts(k) for p in part.parameters()] if k < net.K - 1 else list(net.head.parameters()))
     snap = {}
     clone = lambda g: None if g is None else g.clone()
 
@@ -403,7 +402,10 @@ def cli(*argv, cwd=None):
     (["--device", "gpu"], "not a device"),
     (["--lr", "-1"], "--lr must be >= 0"),
     (["--batch-size", "1"], "--batch-size must be >= 2"),
-    (["--aux-widen", "0"], "--aux-widen must be"),
+    (["--method", "infopro", "--aux-widen", "0"], "--aux-widen must be"),
+    (["--method", "dgl", "--aux-depth", "2"], "--aux-depth does not apply to dgl"),
+    (["--method", "man", "--ema-decay", "1.5"], "--ema-decay must be in [0, 1]"),
+    (["--method", "dgl", "--base", "infopro"], "add-on"),
     (["--method", "man", "--base", "greedy"], "composes with"),
     (["--method", "sgr", "--base", "mlaan"], "composes with"),
     (["--method", "mlaan", "--K", "8", "--mlaan-depth", "20"], "--mlaan-depth 20"),
@@ -450,7 +452,7 @@ def test_infopro_aux_head_parameter_counts(config):
 
 
 def test_infopro_decoder_parameter_counts():
-    assert [n_params(L.Decoder(c, 32)) for c in (16, 32, 64)] == [2_091, 3_819, 7_275]
+    assert [n_params(L.Decoder(c, (32, 32))) for c in (16, 32, 64)] == [2_091, 3_819, 7_275]
 
 
 @pytest.mark.parametrize("arch, K, total", [("resnet32", 2, 47_211), ("resnet32", 4, 143_809),
@@ -474,22 +476,21 @@ def test_supcon_matches_loop_definition():
 
 
 def test_infopro_lambda_schedule_and_published_values():
-    args = L.parse_args(["--method", "infopro", "--K", "4"])
-    net = L.LocalNet("resnet32", 10, L.split_ends("resnet32", 4), 32)
-    m = L.InfoPro(net, args, 10)
+    net = L.LocalNet.resnet("resnet32", 10, L.split_ends("resnet32", 4), 32)
+    m = L.attach(net, "infopro", dataset="cifar10")
     assert m.lambdas_all == (6, 0, 1, 2) and "published" in m.lambda_source
     assert m.weights == [(6, 0), (3.5, 1), (1, 2)]                         # spec's worked example
     _, m = build(method="infopro", K=2)
     assert m.weights == [(5, 1)]
     _, m = build(arch="resnet110", method="infopro", K=55)
     assert m.lambdas_all == (5, 0, 0.5, 1) and "not published" in m.lambda_source
-    _, m = build(method="infopro", K=16, extra=("--ixx-1", "1", "--ixy-1", "2", "--ixx-2", "3", "--ixy-2", "4"))
+    _, m = build(method="infopro", K=16, ixx_1=1, ixy_1=2, ixx_2=3, ixy_2=4)
     assert m.weights[0] == (1, 2) and m.weights[-1] == (3, 4) and m.lambda_source == "command line"
 
 
 def test_infopro_local_loss_is_weighted_sum():
     torch.manual_seed(0)
-    net, m = build(method="infopro", K=4, extra=("--local-loss", "cross_entropy"))
+    net, m = build(method="infopro", K=4, local_loss="cross_entropy")
     h = torch.randn(6, 32, 16, 16)                                         # module 1 ends after L2.1
     x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
     mean, std = torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25)
@@ -509,7 +510,7 @@ def test_infopro_smoke(cifar_dir, mode):
 
 
 def test_infopro_balanced_splits_only_where_published():
-    net, m = build(arch="resnet110", method="infopro", K=3, extra=("--balanced-memory",))
+    net, m = build(arch="resnet110", method="infopro", K=3, balanced_memory=True)
     assert m.lambdas_all == (5, 0, 5, 0.1)
     with pytest.raises(L.UserError, match="balanced"):
         L.split_ends("resnet110", 8, True, "cifar10")
@@ -630,7 +631,7 @@ def test_auglocal_layer_selection_and_pyramid():
     _, m = build_cli("--method", "auglocal", "--arch", "resnet110", "--K", "55", "--aux-depth", "5", "--pyramid", "0.5")
     assert m.depths == [5] * 12 + [4] * 25 + [3] * 12                  # round half to even (4.5 -> 4)
     _, m = build_cli("--method", "auglocal", "--aux-depth", "1")
-    assert isinstance(m.aux[0].head[1], nn.BatchNorm1d) and m.aux[0](torch.randn(2, 16, 32, 32)).shape == (2, 10)
+    assert isinstance(m.aux[0].head[0], nn.BatchNorm1d) and m.aux[0](torch.randn(2, 16, 32, 32)).shape == (2, 10)
     net, m = build_cli("--method", "auglocal", "--K", "8", "--aux-depth", "3")       # multi-block modules:
     assert module_sizes_of(net) == [1, 2, 2, 2, 2, 2, 4]                              # last = final d+1 units
     with pytest.raises(L.UserError, match="aux-depth"):
@@ -736,7 +737,7 @@ def test_sgr_reaches_only_its_module_and_vanishes_at_zero_weight():
     for j in (1, 2):
         assert changed(lambda k: k.startswith("units.") and module_of(k) == j)                # backbone of module j
         assert changed(lambda k: k.startswith(f"base.aux.{j}."))                              # and its aux net
-    assert changed(lambda k: k.startswith("fc."))                              # the last module gets a term too
+    assert changed(lambda k: k.startswith("head.fc."))                              # the last module gets a term too
 
 
 def test_sgr_zero_weight_trains_exactly_like_base(cifar_dir):
@@ -747,7 +748,7 @@ def test_sgr_zero_weight_trains_exactly_like_base(cifar_dir):
 
 @pytest.mark.parametrize("base", ["infopro", "man+dgl", "auglocal"])
 def test_sgr_smoke_and_bad_bases(cifar_dir, base):
-    r = L.main(train_args(cifar_dir, "--method", "sgr", "--base", base, "--aux-depth", "1"))
+    r = L.main(train_args(cifar_dir, "--method", "sgr", "--base", base, *(("--aux-depth", "1") if base == "auglocal" else ())))
     assert 0 <= r["final_acc"] <= 100 and r["modules"] == {"infopro": 16, "man+dgl": 15, "auglocal": 15}[base]
     with pytest.raises(L.UserError, match="composes with"):
         build_cli("--method", "sgr", "--base", "bp")
@@ -884,7 +885,9 @@ def test_resume_refuses_a_different_run(cifar_dir, tmp_path):
 def test_every_method_learns_one_batch(argv):
     """A few SGD steps on one fixed batch lower the summed (local + final) losses: every method really trains."""
     torch.manual_seed(0)
-    net, m = build_cli("--method", *argv, "--K", "1" if argv[0] == "bp" else "8", "--local-loss", "cross_entropy")
+    chain = L.method_chain(argv[0], argv[2] if len(argv) > 2 else None)
+    ce = ("--local-loss", "cross_entropy") if "infopro" in chain else ()
+    net, m = build_cli("--method", *argv, "--K", "1" if argv[0] == "bp" else "8", *ce)
     opt = torch.optim.SGD(list(net.parameters()) + list(m.parameters()), lr=0.05, momentum=0.9)
     x, y = torch.randn(16, 3, 32, 32), torch.arange(16) % 10
     batch = L.Batch(x, y, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
