@@ -73,6 +73,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -124,8 +125,8 @@ def build_parser():
     a("--batch-size", type=int, default=None, help="default 1024 (CIFAR, SVHN), 128 (STL-10), 256 (ImageNet)")
     a("--lr", type=float, default=None, help="initial learning rate (default 0.8 at batch 1024, 0.1 at 128/256)")
     a("--wd", type=float, default=1e-4, help="SGD weight decay, applied to every parameter as in the originals")
-    a("--warmup-epochs", type=int, default=10,
-      help="linear warm-up epochs of the per-epoch cosine schedule (10 in the originals)")
+    a("--warmup-epochs", type=int, default=None,
+      help="linear warm-up epochs of the per-epoch cosine schedule (default 10, the CIFAR originals; 0 on ImageNet)")
     a("--seed", type=int, default=0, help="random seed (CPU runs are bit-for-bit deterministic)")
     a("--device", default=None, help="cuda | mps | cpu (default: the first available, in that order)")
     a("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision (CUDA only)")
@@ -133,6 +134,12 @@ def build_parser():
     a("--mem-iters", type=int, default=2,
       help="training iterations per epoch measured by the activation-memory meter (it costs time)")
     a("--log-secs", type=float, default=30.0, help="seconds between progress lines within an epoch")
+    a("--pipeline", action="store_true",
+      help="module parallelism under torchrun: rank s trains a contiguous group of modules and passes activations "
+           "on (section 9); default with several processes: data parallelism")
+    a("--stages", default=None, metavar="N1,N2,...",
+      help="--pipeline: modules per stage (default: balanced by the FLOPs of each module and its aux net)")
+    a("--sync-bn", action="store_true", help="data parallel on CUDA: SyncBatchNorm (batch statistics over all ranks)")
     a("--bench", type=int, default=0,
       help="benchmark: N timed training iterations on synthetic data of the dataset's shape, one JSON line, exit")
     a("--save", default=None, help="checkpoint path, written atomically after every epoch")
@@ -196,6 +203,7 @@ class DataSpec:
     lr: float
     epochs: int = 160
     large: bool = False           # True: DataLoader + RandomResizedCrop path (ImageNet-sized images)
+    schedule: str = "cifar"       # how the originals count epochs in the cosine schedule (lr_at)
 
 
 CIFAR_MEAN, CIFAR_STD = (125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)
@@ -211,7 +219,7 @@ DATASETS = {
     "svhn": DataSpec("svhn", 10, 32, HALF, HALF, 2, "constant", False, 1024, 0.8),
     "stl10": DataSpec("stl10", 10, 96, HALF, HALF, 4, "constant", True, 128, 0.1),
     "imagenet": DataSpec("imagenet", 1000, 224, IMAGENET_MEAN, IMAGENET_STD, 0, "constant", True, 256, 0.1,
-                         epochs=90, large=True),
+                         epochs=90, large=True, schedule="imagenet"),
     "folder": None,  # built from the folder itself by `folder_spec`
 }
 NORMS = {  # --norm recipes for --dataset folder
@@ -333,7 +341,7 @@ def folder_spec(args):
     r = NORMS[norm]
     return DataSpec("folder", len(train.classes), 224 if large else size, r["mean"], r["std"],
                     0 if large else 4, r["pad_mode"], True, 256 if large else 1024,
-                    0.1 if large else 0.8, 90 if large else 160, large), norm
+                    0.1 if large else 0.8, 90 if large else 160, large, "imagenet" if large else "cifar"), norm
 
 
 def load_folder_uint8(ds, size):
@@ -350,33 +358,44 @@ def load_folder_uint8(ds, size):
     return x, np.asarray([t for _, t in ds.samples], dtype=np.int64)
 
 
-def augment(x, spec, gen):
+def augment(x, spec, gen, n=None, part=slice(None)):
     """Batched on-device augmentation of float images in [0,1]: random crop via padding + per-image offsets, then
-    random horizontal flip. Same distribution as torchvision's RandomCrop(S, padding=p) + RandomHorizontalFlip."""
+    random horizontal flip. Same distribution as torchvision's RandomCrop(S, padding=p) + RandomHorizontalFlip.
+    `x` may be one rank's `part` of a global batch of n images (data parallelism): the random draws are made for
+    the whole global batch and sliced, so every rank augments its images exactly as a single process would."""
     B, C, H, W = x.shape
     dev = x.device
+    n = B if n is None else n
     if spec.pad:
         p = spec.pad
         xp = F.pad(x, (p, p, p, p), mode=spec.pad_mode)
-        dy = torch.randint(0, 2 * p + 1, (B,), device=dev, generator=gen)
-        dx = torch.randint(0, 2 * p + 1, (B,), device=dev, generator=gen)
+        dy = torch.randint(0, 2 * p + 1, (n,), device=dev, generator=gen)[part]
+        dx = torch.randint(0, 2 * p + 1, (n,), device=dev, generator=gen)[part]
         rows = (dy[:, None] + torch.arange(H, device=dev))[:, None, :, None]       # B x 1 x H x 1
         cols = (dx[:, None] + torch.arange(W, device=dev))[:, None, None, :]       # B x 1 x 1 x W
         x = xp[torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None],
                rows, cols]
     if spec.flip:
-        m = torch.rand(B, device=dev, generator=gen) < 0.5
+        m = (torch.rand(n, device=dev, generator=gen) < 0.5)[part]
         x = torch.where(m[:, None, None, None], x.flip(3), x)
     return x
 
 
+def shard(n, rank, world):
+    """This rank's contiguous part of a global batch of n samples (part sizes differ by at most one)."""
+    return slice(rank * n // world, (rank + 1) * n // world)
+
+
 class DeviceLoader:
     """Batches from a uint8 image tensor living on the training device. Shuffling is a device randperm drawn from
-    `gen` (a torch.Generator on that device, saved in checkpoints so a resumed run sees the same batches)."""
+    `gen` (a torch.Generator on that device, saved in checkpoints so a resumed run sees the same batches).
+    With data parallelism (`rank`, `world`) every rank draws the same global batches and keeps its own part."""
 
-    def __init__(self, images, labels, spec, batch_size, train, augment_on, gen, channels_last=False):
+    def __init__(self, images, labels, spec, batch_size, train, augment_on, gen, channels_last=False, rank=0,
+                 world=1):
         self.images, self.labels, self.spec, self.bs = images, labels, spec, batch_size
         self.train, self.augment_on, self.gen, self.channels_last = train, augment_on, gen, channels_last
+        self.rank, self.world = rank, world
         dev = images.device
         self.mean = torch.tensor(spec.mean, device=dev).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.std, device=dev).view(1, 3, 1, 1)
@@ -384,27 +403,53 @@ class DeviceLoader:
     def __len__(self):
         return math.ceil(len(self.labels) / self.bs)
 
+    def global_batch(self, it):
+        """Size of global batch `it` (the last one may be smaller)."""
+        return min(self.bs, len(self.labels) - it * self.bs)
+
     def __iter__(self):
         n = len(self.labels)
         dev = self.images.device
         order = torch.randperm(n, device=dev, generator=self.gen) if self.train else torch.arange(n, device=dev)
         for i in range(0, n, self.bs):
             idx = order[i:i + self.bs]
-            if self.train and len(idx) < 2:  # train-mode BatchNorm cannot normalise a batch of one
+            if self.train and len(idx) < 2 * self.world:  # train-mode BatchNorm cannot normalise a batch of one
                 break
+            part = shard(len(idx), self.rank, self.world)
+            idx = idx[part]
             x = self.images[idx].float().div_(255)
             if self.train and self.augment_on:
-                x = augment(x, self.spec, self.gen)
+                x = augment(x, self.spec, self.gen, self.global_batch(i // self.bs), part)
             x = (x - self.mean) / self.std
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[idx]
 
 
+class GlobalBatchShards(torch.utils.data.Sampler):
+    """Batch sampler for the DataLoader path: the same shuffled global batches on every rank (a generator seeded
+    alike), of which each rank loads only its own part -- so each image is decoded once, by one rank."""
+
+    def __init__(self, n, batch_size, shuffle, drop_last, gen, rank=0, world=1):
+        self.n, self.bs, self.shuffle, self.drop_last, self.gen = n, batch_size, shuffle, drop_last, gen
+        self.rank, self.world = rank, world
+
+    def __len__(self):
+        return self.n // self.bs if self.drop_last else math.ceil(self.n / self.bs)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.gen) if self.shuffle else torch.arange(self.n)
+        for i in range(len(self)):
+            idx = order[i * self.bs:(i + 1) * self.bs][shard(min(self.bs, self.n - i * self.bs), self.rank, self.world)]
+            if len(idx):       # (a rank's part of a small last evaluation batch can be empty)
+                yield idx.tolist()
+
+
 class HostLoader:
     """ImageNet-sized images: a torchvision DataLoader (workers decode JPEGs), moved to the device per batch."""
 
-    def __init__(self, ds, spec, batch_size, train, augment_on, workers, seed, device, channels_last=False):
+    def __init__(self, ds, spec, batch_size, train, augment_on, workers, seed, device, channels_last=False, rank=0,
+                 world=1):
         import torchvision.transforms as T
         norm = T.Normalize(spec.mean, spec.std)
         if train and augment_on:
@@ -413,14 +458,17 @@ class HostLoader:
             ds.transform = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
         g = torch.Generator()
         g.manual_seed(seed)
-        self.dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=train, num_workers=workers,
-                                              pin_memory=device.type == "cuda", drop_last=train, generator=g,
-                                              persistent_workers=workers > 0)
-        self.device, self.channels_last, self.labels = device, channels_last, ds.targets
+        self.sampler = GlobalBatchShards(len(ds), batch_size, train, train, g, rank, world)
+        self.dl = torch.utils.data.DataLoader(ds, batch_sampler=self.sampler, num_workers=workers,
+                                              pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+        self.device, self.channels_last, self.labels, self.bs = device, channels_last, ds.targets, batch_size
         self.gen = g
 
     def __len__(self):
         return len(self.dl)
+
+    def global_batch(self, it):
+        return min(self.bs, len(self.labels) - it * self.bs)
 
     def __iter__(self):
         for x, y in self.dl:
@@ -430,8 +478,8 @@ class HostLoader:
             yield x, y.to(self.device, non_blocking=True)
 
 
-def load_data(args, spec, device, gen):
-    """Return (train_loader, test_loader) for the resolved config."""
+def load_data(args, spec, device, gen, rank=0, world=1):
+    """Return (train_loader, test_loader) for the resolved config (this rank's part of every batch)."""
     cl = device.type == "cuda"
     if spec.large:
         root = args.data_dir
@@ -441,7 +489,7 @@ def load_data(args, spec, device, gen):
                 ds.samples = [ds.samples[i] for i in np.random.default_rng(0).permutation(len(ds.samples))[:n]]
                 ds.targets = [t for _, t in ds.samples]
         mk = lambda ds, tr: HostLoader(ds, spec, args.batch_size, tr, not args.no_augment, args.workers,
-                                       args.seed, device, cl)
+                                       args.seed, device, cl, rank, world)
         return mk(train, True), mk(val, False)
     if spec.name == "folder":
         tr_ds, te_ds = _image_folders(args.data_dir)
@@ -457,11 +505,11 @@ def load_data(args, spec, device, gen):
         keep = pick(len(ytr), args.subset)
         xtr, ytr = xtr[keep], ytr[keep]
     t = lambda a: torch.from_numpy(a).to(device)
-    return (DeviceLoader(t(xtr), t(ytr), spec, args.batch_size, True, not args.no_augment, gen, cl),
-            DeviceLoader(t(xte), t(yte), spec, args.batch_size, False, False, gen, cl))
+    return (DeviceLoader(t(xtr), t(ytr), spec, args.batch_size, True, not args.no_augment, gen, cl, rank, world),
+            DeviceLoader(t(xte), t(yte), spec, args.batch_size, False, False, gen, cl, rank, world))
 
 
-def synthetic_loader(spec, batch_size, device, gen, n_batches):
+def synthetic_loader(spec, batch_size, device, gen, n_batches, rank=0, world=1):
     """--bench: random uint8 images of the dataset's shape, augmented exactly like real ones."""
     n = batch_size * n_batches
     g = torch.Generator(device=device)
@@ -469,7 +517,7 @@ def synthetic_loader(spec, batch_size, device, gen, n_batches):
     x = torch.randint(0, 256, (n, 3, spec.size, spec.size), dtype=torch.uint8, device=device, generator=g)
     y = torch.randint(0, spec.classes, (n,), device=device, generator=g)
     return DeviceLoader(x, y, replace(spec, large=False, pad=spec.pad or 4), batch_size, True, True, gen,
-                        device.type == "cuda")
+                        device.type == "cuda", rank, world)
 
 
 # =============================================================================================================
@@ -1824,7 +1872,9 @@ def attach(net, method, base=None, num_classes=None, dataset=None, K=None, balan
         net.set_split(ends)
     for name in chain:
         METHODS[name].check(net, opts)
-    return make_method(net, chain, opts, num_classes or net.num_classes)
+    method = make_method(net, chain, opts, num_classes or net.num_classes)
+    method.opts = opts                                     # the resolved options, printed with the config
+    return method
 
 
 # =============================================================================================================
@@ -1903,11 +1953,13 @@ MiB = 2 ** 20
 # 7. Training step
 # =============================================================================================================
 
-def lr_at(epoch, lr0, epochs, warmup):
-    """Per-epoch cosine with linear warm-up, as the originals' `--cos_lr` (epoch is 1-indexed, lr constant within
-    an epoch): c_e = lr0/2 (1 + cos(pi e / E)); for e <= W, lr_e = c_e (e-1)/W + 0.01 (W+1-e)/W.
-    Reproduced quirks: epoch 1 starts at 0.01 whatever lr0 is, and the last epoch runs at lr = 0."""
-    c = 0.5 * lr0 * (1 + math.cos(math.pi * epoch / epochs))
+def lr_at(epoch, lr0, epochs, warmup, schedule="cifar"):
+    """Per-epoch cosine with linear warm-up, lr constant within an epoch (epoch = 1..E).
+    CIFAR codes (`--cos_lr`): c_e = lr0/2 (1 + cos(pi e / E)); for e <= W, lr_e = c_e (e-1)/W + 0.01 (W+1-e)/W.
+    Reproduced quirks: epoch 1 starts at 0.01 whatever lr0 is, and the last epoch runs at lr = 0.
+    ImageNet codes: c_e = lr0/2 (1 + cos(pi (e-1) / E)) -- counted from 0: the first epoch at lr0 -- and no
+    warm-up (W = 0 is their default here)."""
+    c = 0.5 * lr0 * (1 + math.cos(math.pi * (epoch if schedule == "cifar" else epoch - 1) / epochs))
     if epoch <= warmup:
         return c * (epoch - 1) / warmup + 0.01 * (warmup + 1 - epoch) / warmup
     return c
@@ -1944,7 +1996,24 @@ def forward_backward(net, method, batch, scaler, autocast, on_module_done=None):
     return torch.stack([losses[-1], correct[-1]] + losses[:-1] + correct[:-1])
 
 
-def train_epoch(net, method, opt, loader, scaler, autocast, spec_t, params, mem_iters, log_secs, epoch, epochs):
+def train_step(net, method, opt, batch, scaler, autocast, meter=None, sync=None, weight=1.0):
+    """One iteration: forward_backward (under the activation meter if given), then one SGD step for every module
+    and aux net. `sync` averages gradients over data-parallel ranks (section 9); `weight` = this rank's share
+    of the global batch."""
+    opt.zero_grad(set_to_none=True)
+    if sync is not None:
+        sync.start(weight)
+    with meter if meter is not None else contextlib.nullcontext():
+        s = forward_backward(net, method, batch, scaler, autocast, sync.module_done if sync is not None else None)
+    if sync is not None:
+        sync.finish()
+    scaler.step(opt)
+    scaler.update()
+    return s
+
+
+def train_epoch(net, method, opt, loader, scaler, autocast, spec_t, params, mem_iters, log_secs, epoch, epochs,
+                sync=None):
     """One epoch. Host syncs happen only at progress lines and at the end (stats are summed on the device)."""
     net.train()
     method.train()
@@ -1953,12 +2022,8 @@ def train_epoch(net, method, opt, loader, scaler, autocast, spec_t, params, mem_
     meter = ActivationMeter(params)
     n_iters = len(loader)
     for it, (x, y) in enumerate(loader):
-        batch = Batch(x, y, mean, std)
-        opt.zero_grad(set_to_none=True)
-        with meter if it < mem_iters else contextlib.nullcontext():
-            s = forward_backward(net, method, batch, scaler, autocast)
-        scaler.step(opt)
-        scaler.update()
+        s = train_step(net, method, opt, Batch(x, y, mean, std), scaler, autocast, meter if it < mem_iters else None,
+                       sync, len(y) / loader.global_batch(it))
         s = torch.cat([s[:1] * len(y), s[1:2], s[2:]])
         stats = s if stats is None else stats + s
         seen += len(y)
@@ -1984,19 +2049,150 @@ def check_finite(loss, epoch, it=None):
 # =============================================================================================================
 
 @torch.no_grad()
-def evaluate(net, loader, autocast):
-    """Test accuracy of backbone + final head only (aux nets are training scaffolding), BN in eval mode."""
+def evaluate(net, loader, autocast, ddp=None):
+    """Test accuracy of backbone + final head only (aux nets are training scaffolding), BN in eval mode. Data
+    parallel: each rank evaluates its part of every batch, the counts are summed."""
     net.eval()
     correct, n = torch.zeros((), device=next(net.parameters()).device), 0
     for x, y in loader:
         with autocast:
             correct += (net(x).argmax(1) == y).sum()
         n += len(y)
+    if ddp is not None:
+        correct, n = ddp.sum(correct), int(ddp.sum(n).item())
     return 100.0 * correct.item() / max(n, 1)
 
 
 # =============================================================================================================
-# 9. Main
+# 9. Distributed and pipelined execution (a single-device reader can skip this section)
+# =============================================================================================================
+# `torchrun --nproc_per_node=N local_learning.py ...` starts N processes; torch.distributed connects them (NCCL
+# between GPUs, gloo on CPU), one device per rank. Two ways to use them:
+#
+# Data parallelism (the default). Every rank holds the whole model and trains on its own part of each global
+# batch (--batch-size stays the global batch); gradients are averaged over the ranks. Local learning makes
+# module k's gradients final as soon as its own backward ends, so their all-reduce starts right then,
+# asynchronously, and runs while the next modules compute; the optimizer step waits for all of them. (Whole-model
+# DDP cannot do this: it hooks one backward through the whole network.) The result is the single-process update
+# on the global batch, except where samples interact within a batch: BatchNorm statistics (per rank, as the
+# originals' DDP; --sync-bn for SyncBatchNorm on CUDA), SupCon's and PredSim's batch-wise losses (per rank).
+#
+# Module parallelism (--pipeline, further below): rank s owns a contiguous group of modules and passes
+# activations on to rank s+1, so all ranks compute at once on different batches.
+
+class DataParallel:
+    """The process group of a data-parallel torchrun launch: this rank, the world size, and the collectives the
+    training loop needs."""
+
+    def __init__(self, device):
+        self.rank, self.world, self.device = dist.get_rank(), dist.get_world_size(), device
+
+    def prepare(self, net, method, sync_bn):
+        """SyncBatchNorm if asked; then every rank starts from rank 0's weights and buffers."""
+        if sync_bn:
+            if self.device.type != "cuda":
+                raise UserError("--sync-bn needs CUDA devices (SyncBatchNorm runs on NCCL only); this run uses "
+                                f"{self.device.type} with gloo")
+            nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        for t in list(net.state_dict().values()) + list(method.state_dict().values()):
+            dist.broadcast(t, 0)
+
+    def broadcast_buffers(self, net):
+        """Rank 0's BatchNorm running statistics to every rank (what DDP's broadcast_buffers does), so that the
+        ranks evaluate one model."""
+        for b in net.buffers():
+            dist.broadcast(b, 0)
+
+    def sum(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64 if not torch.is_tensor(t) else t.dtype, device=self.device)
+        dist.all_reduce(t)
+        return t
+
+
+class GradAverager:
+    """Averages gradients over the ranks, one bucket per module, each all-reduce launched asynchronously as soon as
+    the backward that makes those gradients final has ended (`module_done`, the step's per-module hook), and
+    waited for only in `finish`, before the optimizer step.
+
+    Which gradients are final after which module's backward is learnt on the first step, from post-accumulate-
+    grad hooks: usually a module's own parameters and its aux net, but MLAAN's cascade also reaches back into
+    earlier modules, SGR's double backward into its module, etc. -- whatever the method does. Gradients of that
+    first step are averaged at its end. Each rank's gradient is the mean over its n_r samples, so it is weighted
+    by n_r / N before the sum: the result is the mean over the global batch of N, even when N is not a multiple
+    of the world size."""
+
+    def __init__(self, params, world):
+        self.params, self.world = [p for p in params if p.requires_grad], world
+        self.buckets, self.pending = None, []
+        self.last, self.current, self.hooks = {}, 0, []
+
+    def start(self, weight):
+        """A training step begins; this rank holds the fraction `weight` of the global batch."""
+        self.weight, self.current = weight, 0
+        if self.buckets is None and not self.hooks:
+            def seen(p):
+                self.last[p] = self.current
+            self.hooks = [p.register_post_accumulate_grad_hook(seen) for p in self.params]
+
+    def module_done(self, k):
+        self.current = k + 1
+        if self.buckets is not None:
+            self._launch(self.buckets.get(k, []))
+
+    def _launch(self, params):
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            flat = torch._utils._flatten_dense_tensors(grads).mul_(self.weight)
+            self.pending.append((dist.all_reduce(flat, async_op=True), flat, grads))
+
+    def finish(self):
+        if self.buckets is None:           # first step: group the parameters by the module that finalises them
+            for h in self.hooks:
+                h.remove()
+            self.buckets = {}
+            for p in self.params:          # (gradients set without autograd -- zero gradients -- count as last)
+                k = self.last.get(p, self.current - 1 if p.grad is not None else None)
+                if k is not None:
+                    self.buckets.setdefault(k, []).append(p)
+            for k in sorted(self.buckets):
+                self._launch(self.buckets[k])
+        for work, flat, grads in self.pending:
+            work.wait()
+            for g, r in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(r)
+        self.pending = []
+
+
+def init_distributed(args):
+    """Join the process group of a torchrun launch. Returns (DataParallel or None, device); without torchrun (or
+    with one process) nothing changes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        if args.sync_bn or args.pipeline:
+            raise UserError(f"{'--sync-bn' if args.sync_bn else '--pipeline'} needs several processes: launch with "
+                            f"torchrun --nproc_per_node=N local_learning.py ...")
+        return None, pick_device(args.device)
+    if not dist.is_available():
+        raise UserError("this PyTorch build has no torch.distributed; run one process")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    kind = pick_device(args.device).type
+    if kind == "mps":
+        raise UserError("torchrun on MPS is not supported (no torch.distributed backend); use --device cpu")
+    device = torch.device("cuda", local) if kind == "cuda" else torch.device("cpu")
+    if kind == "cuda":
+        if local >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+    if dist.get_rank() != 0:                   # one voice: rank 0 prints (errors still reach stderr)
+        sys.stdout = open(os.devnull, "w")
+    return (None if args.pipeline else DataParallel(device)), device
+
+
+# =============================================================================================================
+# 10. Main
 # =============================================================================================================
 
 def resolve_config(args):
@@ -2013,6 +2209,7 @@ def resolve_config(args):
     args.batch_size = args.batch_size or spec.batch
     args.lr = spec.lr if args.lr is None else args.lr
     args.epochs = spec.epochs if args.epochs is None else args.epochs
+    args.warmup_epochs = (10 if spec.schedule == "cifar" else 0) if args.warmup_epochs is None else args.warmup_epochs
     least = dict(batch_size=2, epochs=1, bench=0, subset=0, test_subset=0, mem_iters=0, lr=0, wd=0, warmup_epochs=0)
     for name, lo in least.items():   # (batch >= 2: train-mode BatchNorm needs two samples)
         if getattr(args, name) < lo:
@@ -2066,7 +2263,7 @@ def atomic_save(obj, path):
 
 def run(args):
     spec = resolve_config(args)
-    device = pick_device(args.device)
+    ddp, device = init_distributed(args)                   # (section 9; ddp is None on one device)
     if args.amp != "none" and device.type != "cuda":
         raise UserError(f"--amp {args.amp} needs a CUDA device (this run uses {device.type})")
     torch.manual_seed(args.seed)
@@ -2081,7 +2278,13 @@ def run(args):
     if device.type == "cuda":
         net.to(memory_format=torch.channels_last)
         method.to(memory_format=torch.channels_last)
+    if args.pipeline:
+        return run_pipeline(args, spec, net, method, device)
+    if ddp is not None:
+        ddp.prepare(net, method, args.sync_bn)
+    rank, world = (ddp.rank, ddp.world) if ddp is not None else (0, 1)
     params = list(net.parameters()) + list(method.parameters())
+    sync = GradAverager(params, world) if ddp is not None else None
     opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.wd)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
@@ -2091,11 +2294,13 @@ def run(args):
     spec_t = (torch.tensor(spec.mean, device=device).view(1, 3, 1, 1),
               torch.tensor(spec.std, device=device).view(1, 3, 1, 1))
     if args.bench:
-        return bench(args, spec, net, method, opt, scaler, autocast, spec_t, params, device, gen)
+        loader = synthetic_loader(spec, args.batch_size, device, gen, max(2, args.mem_iters) + args.bench, rank, world)
+        return bench(args, spec, net, method, opt, scaler, autocast, spec_t, params, device, loader, sync, ddp)
 
-    train_loader, test_loader = load_data(args, spec, device, gen)
-    cfg = {k: v for k, v in vars(args).items()}
-    cfg.update(device=str(device), modules=net.K, train_images=len(train_loader.labels),
+    train_loader, test_loader = load_data(args, spec, device, gen, rank, world)
+    cfg = {k: v for k, v in vars(args).items() if k not in all_options()}      # method options: resolved values
+    cfg.update({k: v for k, v in vars(method.opts).items() if k not in CONTEXT and k != "chain"})
+    cfg.update(device=str(device), world_size=world, modules=net.K, train_images=len(train_loader.labels),
                params_backbone=sum(p.numel() for p in net.parameters()),
                params_aux=sum(p.numel() for p in method.parameters()))
     print("config: " + " ".join(f"{k}={v}" for k, v in cfg.items()), flush=True)
@@ -2104,14 +2309,7 @@ def run(args):
 
     start_epoch, best, history = 1, 0.0, []
     if args.resume:
-        try:  # on the CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest
-            ck = torch.load(args.resume, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise UserError(f"--resume {args.resume}: cannot read the checkpoint ({type(e).__name__}: {e})")
-        for key, value in vars(args).items():  # the same run: everything but where and how it is logged
-            if key not in RESUME_FREE and ck["args"].get(key) != value:
-                raise UserError(f"--resume {args.resume}: checkpoint has {key}={ck['args'].get(key)}, "
-                                f"this run {key}={value}")
+        ck = load_checkpoint(args)
         net.load_state_dict(ck["net"])
         method.load_state_dict(ck["method"])
         opt.load_state_dict(ck["opt"])
@@ -2126,36 +2324,39 @@ def run(args):
               f"{'cuda MiB':>8} {'img/s':>7} {'sec':>6}  aux acc% per module")
     print(header, flush=True)
     t_start, train_time, train_seen = time.time(), 0.0, 0
-    row = None
     for epoch in range(start_epoch, args.epochs + 1):
-        lr = lr_at(epoch, args.lr, args.epochs, args.warmup_epochs)
+        lr = lr_at(epoch, args.lr, args.epochs, args.warmup_epochs, spec.schedule)
         for g in opt.param_groups:
             g["lr"] = lr
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        stats, seen, secs, act_peak = train_epoch(net, method, opt, train_loader, scaler, autocast, spec_t,
-                                                  params, args.mem_iters, args.log_secs, epoch, args.epochs)
+        stats, seen, secs, act_peak = train_epoch(net, method, opt, train_loader, scaler, autocast, spec_t, params,
+                                                  args.mem_iters, args.log_secs if rank == 0 else math.inf, epoch,
+                                                  args.epochs, sync)
         cuda_alloc = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         cuda_res = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
         if stats is None:
-            raise UserError("no training batch: the training set is smaller than 2 images")
+            raise UserError("no training batch: the training set is smaller than 2 images per process")
+        if ddp is not None:                                # global loss and accuracies: sums over the ranks
+            stats, seen = ddp.sum(stats), int(ddp.sum(seen).item())
+            ddp.broadcast_buffers(net)
         s = stats.tolist()
         loss, train_acc = s[0] / seen, 100.0 * s[1] / seen
         check_finite(loss, epoch)
         aux = [None if c < 0 else 100.0 * c / seen for c in s[2 + (K - 1):]]
-        test_acc = evaluate(net, test_loader, autocast)
+        test_acc = evaluate(net, test_loader, autocast, ddp)
         best = max(best, test_acc)
         train_time += secs
         train_seen += seen
         row = dict(epoch=epoch, lr=lr, loss=loss, train_acc=train_acc, test_acc=test_acc, aux_acc=aux,
-                   local_loss=[v / len(train_loader) for v in s[2:2 + (K - 1)]], act_peak_bytes=act_peak,
+                   local_loss=[v / len(train_loader) / world for v in s[2:2 + (K - 1)]], act_peak_bytes=act_peak,
                    cuda_peak_alloc=cuda_alloc, cuda_peak_reserved=cuda_res, img_s=seen / secs, sec=secs)
         history.append(row)
         aux_s = " ".join("  -" if a is None else f"{a:3.0f}" for a in aux)
         cuda_s = f"{cuda_alloc / MiB:8.0f}" if cuda_alloc is not None else f"{'-':>8}"
         print(f"{epoch:>4} {lr:7.4f} {loss:7.4f} {train_acc:6.2f} {test_acc:6.2f} {best:6.2f} "
               f"{act_peak / MiB:8.1f} {cuda_s} {seen / secs:7.0f} {secs:6.1f}  {aux_s}", flush=True)
-        if args.save:
+        if args.save and rank == 0:
             atomic_save(dict(net=net.state_dict(), method=method.state_dict(), opt=opt.state_dict(),
                              scaler=scaler.state_dict(), gen=train_loader.gen.get_state(), cpu_rng=torch.get_rng_state(),
                              epoch=epoch, best=best, history=history, args=vars(args)), args.save)
@@ -2163,23 +2364,36 @@ def run(args):
     last = history[-1] if history else {}
     result = dict(method=args.method, dataset=args.dataset, arch=args.arch, K=args.K, modules=K, seed=args.seed,
                   epochs=args.epochs, base=args.base, batch_size=args.batch_size, lr=args.lr, device=str(device),
-                  final_acc=last.get("test_acc"), best_acc=best, module_acc=last.get("aux_acc"),
+                  world_size=world, final_acc=last.get("test_acc"), best_acc=best, module_acc=last.get("aux_acc"),
                   act_peak_bytes=max((h["act_peak_bytes"] for h in history), default=None),
                   cuda_peak_alloc=last.get("cuda_peak_alloc"), cuda_peak_reserved=last.get("cuda_peak_reserved"),
                   **state_bytes(params, opt),
                   train_img_s=(train_seen / train_time) if train_time else None, summary=method.summary(),
                   wall_s=time.time() - t_start, history=[{k: h[k] for k in ("epoch", "loss", "train_acc",
                                                                               "test_acc")} for h in history])
-    emit(result, args.out)
+    emit(result, args.out if rank == 0 else None)
     return result
 
 
-def bench(args, spec, net, method, opt, scaler, autocast, spec_t, params, device, gen):
+def load_checkpoint(args):
+    """Read --resume (on the CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest) and
+    check that it is the same run: every flag but where and how it is logged must match."""
+    try:
+        ck = torch.load(args.resume, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"--resume {args.resume}: cannot read the checkpoint ({type(e).__name__}: {e})")
+    for key, value in vars(args).items():
+        if key not in RESUME_FREE and ck["args"].get(key) != value:
+            raise UserError(f"--resume {args.resume}: checkpoint has {key}={ck['args'].get(key)}, "
+                            f"this run {key}={value}")
+    return ck
+
+
+def bench(args, spec, net, method, opt, scaler, autocast, spec_t, params, device, loader, sync=None, ddp=None):
     """--bench N: warm-up, then N timed iterations; the meter runs on the warm-up iterations only, so the timing
-    excludes its hooks."""
+    excludes its hooks. Data parallel: img/s of the global batch, timed on rank 0 after a barrier."""
     warm = max(2, args.mem_iters)
-    loader = synthetic_loader(spec, args.batch_size, device, gen, warm + args.bench)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cuda_sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     meter = ActivationMeter(params)
     net.train()
     method.train()
@@ -2188,26 +2402,26 @@ def bench(args, spec, net, method, opt, scaler, autocast, spec_t, params, device
     t0 = None
     for it, (x, y) in enumerate(loader):
         if it == warm:
-            sync()
+            cuda_sync()
+            if ddp is not None:
+                dist.barrier()
             t0 = time.time()
-        opt.zero_grad(set_to_none=True)
-        batch = Batch(x, y, *spec_t)
-        with meter if it < args.mem_iters else contextlib.nullcontext():
-            forward_backward(net, method, batch, scaler, autocast)
-        scaler.step(opt)
-        scaler.update()
-    sync()
+        train_step(net, method, opt, Batch(x, y, *spec_t), scaler, autocast, meter if it < args.mem_iters else None,
+                   sync, len(y) / loader.global_batch(it))
+    cuda_sync()
+    if ddp is not None:
+        dist.barrier()
     secs = time.time() - t0
+    world = ddp.world if ddp is not None else 1
     result = dict(bench=True, method=args.method, base=args.base, arch=args.arch, K=args.K, modules=net.K,
-                  batch=args.batch_size,
-                  dataset=args.dataset, image_size=spec.size, device=str(device),
-                  threads=torch.get_num_threads(), iters=args.bench, img_s=args.bench * args.batch_size / secs,
-                  summary=method.summary(),
+                  batch=args.batch_size, dataset=args.dataset, image_size=spec.size, device=str(device),
+                  world_size=world, threads=torch.get_num_threads(), iters=args.bench,
+                  img_s=args.bench * args.batch_size / secs, summary=method.summary(),
                   act_peak_bytes=meter.peak, act_peak_mib=round(meter.peak / MiB, 2), **state_bytes(params, opt))
     if device.type == "cuda":
         result.update(cuda_peak_alloc=torch.cuda.max_memory_allocated(device),
                       cuda_peak_reserved=torch.cuda.max_memory_reserved(device))
-    emit(result, args.out)
+    emit(result, args.out if ddp is None or ddp.rank == 0 else None)
     return result
 
 
@@ -2305,7 +2519,8 @@ def main(argv=None):
             return report(args.report, args.report_run)
         return run(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":             # under torchrun every rank stops; rank 0 says why
+            print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
