@@ -952,21 +952,26 @@ class AugLocalAux(nn.Module):
 
 
 class PredSimAux(nn.Module):
-    """PredSim's two local heads (Noekland & Eidnes 2019, as in the AugLocal repository):
-    `pred`: avg-pool (kernel grown, height then width alternately, until C*H'*W' <= 512) -> Linear -> classes;
+    """PredSim's two local heads (Noekland & Eidnes 2019, as in the AugLocal repository, utils/others.py):
+    `pred`: avg-pool -> Linear -> classes. The kernel grows (height, then width, doubling) until
+    C * ceil(H/kh) * ceil(W/kw) <= 512; an axis the kernel does not divide is zero-padded by half a kernel on
+    both sides, and the zeros count in the average (STL-10's 64x24x24 -> kernel 16x8, 2x3 cells, Linear 384).
     `sim`: conv3x3 C -> C (no bias) whose output feeds the similarity-matching loss."""
     POOLED = 512
 
     def __init__(self, c, h, w, num_classes):
         super().__init__()
-        kh, kw = 1, 1
-        while c * (h // kh) * (w // kw) > self.POOLED:
-            if kh <= kw:
-                kh *= 2
-            else:
+        kh = kw = 1
+        oh, ow = h, w
+        while c * oh * ow > self.POOLED and kh < h:
+            kh *= 2
+            oh = math.ceil(h / kh)
+            if c * oh * ow > self.POOLED:
                 kw *= 2
-        self.pool = nn.AvgPool2d((kh, kw))
-        self.pred = nn.Linear(c * (h // kh) * (w // kw), num_classes)
+                ow = math.ceil(w / kw)
+        pad = tuple(k // 2 if n % k else 0 for n, k in ((h, kh), (w, kw)))
+        self.pool = nn.AvgPool2d((kh, kw), padding=pad) if (kh, kw) != (1, 1) else nn.Identity()
+        self.pred = nn.Linear(c * oh * ow, num_classes)
         self.sim = nn.Conv2d(c, c, 3, 1, 1, bias=False)
 
     def forward(self, h):
@@ -986,10 +991,11 @@ def similarity_matrix(x):
 
 
 class MLAANDGLAux(nn.Module):
-    """The DGL-style head of the MAN group, as MLAAN's DGL base uses it (C -> 128 -> MLP 512; no pooling first):
-    3 x [1x1 conv (no bias) -> BN -> ReLU] (C -> 128 -> 128 -> 128) -> GAP -> Linear 128 -> 512 -> BN1d -> ReLU
-    -> 2 x [Linear 512 -> 512 -> BN1d -> ReLU] -> Linear 512 -> classes.  635,146 / 637,194 / 641,290 params
-    at C = 16 / 32 / 64 (10 classes)."""
+    """The DGL-style head of the MAN group, as MLAAN's DGL base uses it. MLAAN's repository lacks the file; the
+    same group's JunhaoSu0/MAN_PlusPlus Exp_on_CIFAR-SVHN-STL/networks/auxDGL.py has the same constructor:
+    avg-pool to 8x8 -> 3 x [1x1 conv (no bias) -> BN -> ReLU] (C -> 128 -> 128 -> 128) -> GAP -> Linear 128 -> 512
+    -> BN1d -> ReLU -> 2 x [Linear 512 -> 512 -> BN1d -> ReLU] -> Linear 512 -> classes.  635,146 / 637,194 /
+    641,290 params at C = 16 / 32 / 64 (10 classes)."""
 
     def __init__(self, c, num_classes, width=128, hidden=512):
         super().__init__()
@@ -1004,7 +1010,49 @@ class MLAANDGLAux(nn.Module):
         self.convs, self.mlp = nn.Sequential(*convs), nn.Sequential(*mlp, nn.Linear(hidden, num_classes))
 
     def forward(self, h):
-        return self.mlp(torch.flatten(F.adaptive_avg_pool2d(self.convs(h), 1), 1))
+        h = self.convs(F.adaptive_avg_pool2d(h, 8))        # the 1x1 convs run on an 8x8 map whatever the input
+        return self.mlp(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+class MLAANImageNetAux(nn.Module):
+    """MLAAN's independent head on ImageNet (ImageNet/networks/auxnet34.py, auxnet101.py): on 64- and 128-channel
+    maps two 1x1 convs C -> 2C -> C (no bias, BN, ReLU) before GAP -> Linear; on wider maps GAP -> Linear alone.
+    81,768 / 195,304 / 257,000 / 513,000 params at C = 64 / 128 / 256 / 512 (1000 classes)."""
+
+    def __init__(self, c, num_classes):
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv2d(c, 2 * c, 1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU(inplace=True),
+                                   nn.Conv2d(2 * c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)) \
+            if c < 256 else nn.Identity()
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, h):
+        return self.fc(pool_features(self.convs(h)))
+
+
+class AugLocalDGLAux(nn.Module):
+    """The DGL head of the AugLocal repository (networks/auxiliary_nets.py, net_config 'DGL'), behind the DGL rows
+    of the AugLocal paper: DGLAux with TWO hidden Linear layers and no bias in them,
+
+        avg-pool to ceil(s/4) -> 3 x [1x1 conv C->C (no bias) -> BN -> ReLU] -> avg-pool to 2x2 -> flatten (4C)
+        -> 2 x [Linear 4C->4C (no bias) -> BN1d -> ReLU] -> Linear 4C -> classes
+
+    Parameters: C=16@32px 9,962; C=32@16px 37,834; C=64@8px 147,338 (10 classes)."""
+
+    def __init__(self, shape, num_classes):
+        super().__init__()
+        c, s = shape[0], shape[1]
+        self.pool, self.pool2 = math.ceil(s / 4), min(math.ceil(s / 4), 2)
+        self.convs = nn.Sequential(*[m for _ in range(3) for m in
+                                     (nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True))])
+        f = c * self.pool2 ** 2
+        self.mlp = nn.Sequential(*[m for _ in range(2) for m in
+                                   (nn.Linear(f, f, bias=False), nn.BatchNorm1d(f), nn.ReLU(inplace=True))],
+                                 nn.Linear(f, num_classes))
+
+    def forward(self, h):
+        h = self.convs(F.adaptive_avg_pool2d(h, self.pool))
+        return self.mlp(torch.flatten(F.adaptive_avg_pool2d(h, self.pool2), 1))
 
 
 # =============================================================================================================
@@ -1117,11 +1165,20 @@ class LocalMethod(nn.Module):
     def start_module(self, k, h_in):
         """Hook: module k is about to run on the (detached) input h_in."""
 
+    def run_module(self, net, k, h_in):
+        """Module k's forward (MLAAN keeps the stem's output for its cascade)."""
+        return net.run(h_in, k)
+
     def needs_input_grad(self, k):
         return False
 
     def module_needs_graph(self, k):
         return True
+
+    def zero_grad_parts(self, k, loss):
+        """Parts of module k's aux net that the originals give a zero gradient: they backpropagate 0 * loss, so a
+        local loss whose every weight is 0 still reaches them (the step adds the module's own units)."""
+        return [] if loss.requires_grad else self.aux_parts(k)
 
     def final_loss(self, k, h, batch, net):
         """Loss of the last module: the network's own head and cross-entropy."""
@@ -1167,13 +1224,21 @@ class Greedy(LocalMethod):
 class DGL(LocalMethod):
     """Decoupled Greedy Learning (Belilovsky, Eickenberg, Oyallon, ICML 2020).
 
-    L_k = CE(g_k(h_k), y) with g_k DGL's official MLP-SR aux net (DGLAux). DGL steps each module's optimizer
-    right after its backward; since every module's forward input is computed before any step, that is the same
-    update as our single shared SGD step. On token (N x D) or vector features the head is DGLAux's MLP part on
-    the token mean (its 1x1-conv stage and 2x2 pooling need a spatial map)."""
+    L_k = CE(g_k(h_k), y) with g_k DGL's official MLP-SR aux net (DGLAux, eugenium/DGL; --dgl-head dgl, the
+    default) or the AugLocal repository's re-implementation behind the DGL rows of the AugLocal paper, which
+    MAN and MLAAN compare with (AugLocalDGLAux, --dgl-head auglocal: two hidden Linear layers without bias).
+    DGL steps each module's optimizer right after its backward; since every module's forward input is computed
+    before any step, that is the same update as our single shared SGD step. On token (N x D) or vector features
+    the DGL head is its MLP part on the token mean (its 1x1-conv stage and 2x2 pooling need a spatial map)."""
     name = "dgl"
+    options = dict(dgl_head=Opt("dgl", "DGL aux net: dgl (the DGL authors' MLP-SR net) or auglocal (the AugLocal "
+                                "repository's, behind the AugLocal/MAN/MLAAN papers' DGL rows)",
+                                choices=("dgl", "auglocal")))
 
     def make_aux(self, shape, num_classes, opts):
+        if opts.dgl_head == "auglocal":
+            need_image_features("dgl --dgl-head auglocal", shape)
+            return AugLocalDGLAux(shape, num_classes)
         return DGLAux(shape, num_classes)
 
 
@@ -1308,6 +1373,10 @@ class InfoPro(LocalMethod):
 
     def local_loss(self, k, z, batch):
         return infopro_loss(self.aux[k], z, batch, *self.weights[k], self.contrast)
+
+    def zero_grad_parts(self, k, loss):
+        l1, l2 = self.weights[k]                       # the originals compute 0 * term: its net gets zero gradients
+        return super().zero_grad_parts(k, loss) + [self.aux[k][n] for n, w in (("decoder", l1), ("head", l2)) if not w]
 
 
 @register
@@ -1449,6 +1518,12 @@ class AddOn(LocalMethod):
     def module_needs_graph(self, k):
         return self.base.module_needs_graph(k)
 
+    def run_module(self, net, k, h_in):
+        return self.base.run_module(net, k, h_in)
+
+    def zero_grad_parts(self, k, loss):
+        return self.base.zero_grad_parts(k, loss) + ([] if loss.requires_grad else self.aux_parts(k))
+
     def final_loss(self, k, h, batch, net):
         return self.base.final_loss(k, h, batch, net)
 
@@ -1524,8 +1599,9 @@ class MAN(AddOn):
             ema_update(self.ema[k], self.tracked[k], self.decay)
 
 
-# MLAAN's leap chains (its configAuxPlus_new tables): for boundary i, the backbone blocks ("stage.block") whose
-# copies form the aux network, keyed by (arch, modules actually built). Written as (repeat, chain) runs.
+# MLAAN's leap chains (its configAuxPlus_new tables; ImageNet: ImageNet/networks/configAux_new.py): for
+# boundary i, the backbone blocks ("stage.block") whose copies form the aux network, keyed by (arch, modules
+# actually built). Written as (repeat, chain) runs.
 MLAAN_CHAINS = {
     ("resnet32", 15): [(2, "2.0 3.0 3.2 3.4"), (1, "2.0 3.0 3.3 3.4"), (1, "2.0 3.0 3.2 3.4"), (1, "2.0 3.0 3.3 3.4"),
                        (5, "3.0 3.2 3.3 3.4"), (1, "3.1 3.2 3.4"), (1, "3.2 3.3 3.4"), (1, "3.3 3.4"), (1, "3.4")],
@@ -1535,7 +1611,15 @@ MLAAN_CHAINS = {
                         (2, "3.14 3.17"), (1, "3.15 3.17"), (1, "3.16 3.17"), (1, "3.17")],
     ("resnet110", 54): [(18, "2.0 3.0 3.2 3.17"), (17, "3.0 3.2 3.3 3.17"), (1, "3.0 3.3 3.4 3.17"), (7, "3.8 3.17"),
                         (4, "3.14 3.17"), (2, "3.15 3.17"), (3, "3.16 3.17"), (1, "3.17")],
+    ("resnet34", 16): [(3, "2.0 2.1 3.0 4.0 4.2"), (4, "2.1 3.0 4.0 4.2"), (6, "3.1 4.0 4.1"), (1, "4.1 4.1 4.2"),
+                       (1, "4.1 4.2")],
+    ("resnet101", 33): [(3, "2.0 3.0 4.0 4.2"), (4, "3.0 4.0 4.1"), (23, "4.0 4.1"), (2, "4.1 4.2")],
 }
+
+
+def family(arch):
+    """'cifar' or 'imagenet' for our ResNets, None for any other backbone."""
+    return ARCHS[arch][0] if arch in ARCHS else None
 
 
 @register
@@ -1546,10 +1630,11 @@ class MLAAN(LocalMethod):
     1. independent aux net ("local" features): a head on module i's own output x_i = E_i(sg(x_{i-1}));
     2. cascade aux net ("global" features): the last D modules are re-run from the detached input of module
        i-D+1, y = E_i(...E_{i-D+1}(sg(x_{i-D}))) (same values as x_i, but its graph reaches D-1 modules back --
-       the "multilaminar" coupling; nothing reaches further), then the leap chain, then a head;
+       the "multilaminar" coupling; nothing reaches further), then the leap chain, then a head. The first
+       cascade (i = D-1) starts from the stem's output, graph included: the stem runs once per iteration;
     3. Leap Augmented Module: the leap chain is trainable copies of a few hand-picked later blocks
        (MLAAN_CHAINS), always ending with the last block; its first block runs as Aug(y) + EMA(y), EMA being a
-       gradient-free copy updated  ema <- m ema + (1 - m) block  (parameters only), like MAN's.
+       copy updated  ema <- m ema + (1 - m) block  (parameters only), like MAN's.
 
         L_i = 0.001 * loss_base(indep head(x_i)) + 0.999 * loss_base(cascade head(chain(y)))
         L_last = CE(FC(GAP(y_last)))   (the last module's loss also goes through the cascade)
@@ -1559,24 +1644,36 @@ class MLAAN(LocalMethod):
     (decoder + classifier on both branches, D = 3; the independent classifier is always 1c2f SupCon (a quirk
     kept), the cascade one --aux-config / --local-loss (default 1c2f CE); weights (a, b) of recon / task with
     r_i = s_i / (M - 2), s_i = stage of module i's last block, M = modules built; default lambdas 5, 0.5, 0, 0).
+    ImageNet ResNets (ResNet-34 K=16, ResNet-101 K=33; ImageNet/networks/resnet34.py, resnet101.py): the greedy
+    base only, with that code's heads (MLAANImageNetAux, CE), D = 3, the copies randomly initialised, every
+    boundary's EMA updated after its backward and the last one again at the end (--mlaan-ema all+last), and
+    L_last = 0.001 CE(FC(x_last)) + 0.999 CE(FC(y_last)).
     Reproduced quirks: the stem merges into module 1 (ResNet-32 K=16 -> 15 modules, ResNet-110 K=55 -> 54);
-    no loss before boundary D-1; copies start equal to the freshly initialised blocks; the official CIFAR code
-    updates only the LAST boundary's EMA, after the final backward (--mlaan-ema last, default; `all` updates
-    every boundary's EMA once, after its own backward, as the paper describes); BN statistics of
-    re-run blocks are updated once per run. Fixed: EMA decay defaults to 0.995 (official default 1.0 freezes it);
-    the InfoPro base's EMA copies get no gradient (the official InfoPro file forgot to freeze them); only the
-    parts that are used are built (the official constructors also build hundreds of dead heads)."""
+    no loss before boundary D-1; CIFAR copies start equal to the freshly initialised blocks; the official CIFAR
+    code updates only the LAST boundary's EMA, after the final backward (--mlaan-ema last, default; `all`
+    updates every boundary's EMA once, after its own backward, as the paper describes); BN statistics of re-run
+    blocks are updated once per run; the InfoPro file never freezes its "EMA" copies, so they are SGD-trained
+    too (the last one also EMA-blended; --mlaan-copies trained, the default on that base; `frozen` as the other
+    files). Fixed: EMA decay defaults to 0.995 (official default 1.0 freezes it); only the parts that are used
+    are built (the official constructors also build hundreds of dead heads); the released ResNet-34 code
+    zero-initialises every block's last BN by accident (a deleted `if`) -- not reproduced."""
     name = "mlaan"
     bases, default_base = ("infopro", "dgl", "greedy"), "infopro"
-    base_defaults = {"greedy": dict(mlaan_depth=2), "dgl": dict(mlaan_depth=3),
-                     "infopro": dict(mlaan_depth=3, aux_config="1c2f", local_loss="cross_entropy",
-                                     lambdas=((5, 0.5, 0, 0), "MLAAN README command"))}
+    base_defaults = {"greedy": dict(mlaan_depth=lambda c: 3 if family(c.arch) == "imagenet" else 2,
+                                    mlaan_copies="frozen"),
+                     "dgl": dict(mlaan_depth=3, mlaan_copies="frozen"),
+                     "infopro": dict(mlaan_depth=3, mlaan_copies="trained", aux_config="1c2f",
+                                     local_loss="cross_entropy", lambdas=((5, 0.5, 0, 0), "MLAAN README command"))}
     options = dict(
         ema_decay=MAN.options["ema_decay"],
-        mlaan_ema=Opt("last", "MLAAN: EMA-update only the last boundary's copy (official CIFAR code) or every one",
-                      choices=("last", "all")),
-        mlaan_depth=Opt(None, "MLAAN: modules re-run by the cascade branch (default: 2 on greedy, 3 on dgl/infopro)",
-                        type=int, lo=1))
+        mlaan_ema=Opt(lambda c: "all+last" if family(c.arch) == "imagenet" else "last",
+                      "MLAAN: EMA-update only the last boundary's copy after the final backward (official CIFAR "
+                      "code, the default there), every one after its own backward (the paper), or both (official "
+                      "ImageNet code, the default there)", choices=("last", "all", "all+last")),
+        mlaan_depth=Opt(None, "MLAAN: modules re-run by the cascade branch (default: 2 on greedy, 3 on dgl/infopro "
+                        "and on ImageNet)", type=int, lo=1),
+        mlaan_copies=Opt(None, "MLAAN: EMA copies frozen (official greedy/dgl files) or also SGD-trained (official "
+                         "InfoPro file, which never freezes them; its default)", choices=("frozen", "trained")))
     W_INDEP, W_CASCADE = 0.001, 0.999
 
     @classmethod
@@ -1586,16 +1683,22 @@ class MLAAN(LocalMethod):
     @classmethod
     def check(cls, net, opts):
         if (net.arch, net.K) not in MLAAN_CHAINS:
-            raise UserError(f"--method mlaan: leap tables exist for resnet32 K=8,16 and resnet110 K=32,55 "
-                            f"(got {net.arch or 'a custom backbone'} K={opts.K})")
+            raise UserError(f"--method mlaan: leap tables exist for resnet32 K=8,16, resnet110 K=32,55, resnet34 "
+                            f"K=16 and resnet101 K=33 (got {net.arch or 'a custom backbone'} K={opts.K})")
         if not opts.mlaan_depth <= net.K - 1:
             raise UserError(f"--mlaan-depth {opts.mlaan_depth}: between 1 and the number of modules - 1 ({net.K - 1})")
+        if family(net.arch) == "imagenet" and opts.chain[-1] != "greedy":
+            raise UserError("--method mlaan on ImageNet ResNets: the official ImageNet code has CE heads only; "
+                            "use --base greedy")
+        if getattr(opts, "dgl_head", "dgl") != "dgl":
+            raise UserError("--dgl-head: MLAAN's DGL base always uses the MAN group's head (MLAANDGLAux)")
 
     def __init__(self, net, opts, num_classes, shapes=None, chain=None):
         LocalMethod.__init__(self, net, opts, num_classes, shapes=[])
         self.kind, self.depth = chain[1], opts.mlaan_depth
+        self.imagenet = family(net.arch) == "imagenet"
         self.contrast = self.kind == "infopro" and opts.local_loss == "contrast"
-        self.decay, self.ema_all, self.net_ref = opts.ema_decay, opts.mlaan_ema == "all", [net]
+        self.decay, self.ema_mode, self.net_ref = opts.ema_decay, opts.mlaan_ema, [net]
         self.input_hw = net.input_shape[1:]
         M, pos = net.K, {unit_position(net.arch, u): u for u in range(len(net.units))}
         chains = [[pos[tuple(map(int, b.split(".")))] for b in c.split()] for n, c in MLAAN_CHAINS[(net.arch, M)]
@@ -1604,11 +1707,13 @@ class MLAAN(LocalMethod):
         live = range(self.first, M - 1)
         self.chain_units = {i: chains[i] for i in live}
         shape = lambda i: net.unit_shapes[net.ends[i]]
-        # Built after the backbone's init and not re-initialised: the copies start equal to the current blocks.
-        self.aug = nn.ModuleDict({str(i): nn.Sequential(*[copy.deepcopy(net.units[u]) for u in chains[i]]) for i in live})
-        self.ema = nn.ModuleDict({str(i): copy.deepcopy(net.units[chains[i][0]]) for i in live})
+        # CIFAR: built after the backbone's init and not re-initialised, so the copies start equal to the current
+        # blocks. ImageNet: built before the init loop there, so every copy is random and independent.
+        dup = (lambda u: fresh_copy(u)) if self.imagenet else copy.deepcopy
+        self.aug = nn.ModuleDict({str(i): nn.Sequential(*[dup(net.units[u]) for u in chains[i]]) for i in live})
+        self.ema = nn.ModuleDict({str(i): dup(net.units[chains[i][0]]) for i in live})
         for p in self.ema.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(opts.mlaan_copies == "trained")
         self.indep = nn.ModuleDict({str(i): self._head(shape(i)[0], num_classes, opts, independent=True) for i in live})
         c_last = net.unit_shapes[-1][0]
         self.cascade = nn.ModuleDict({str(i): self._head(c_last, num_classes, opts, independent=False) for i in live})
@@ -1618,9 +1723,11 @@ class MLAAN(LocalMethod):
             self.lambdas_all, self.lambda_source = opts.lambdas
             stages = [net.stage(net.ends[i]) for i in range(M - 1)]
             self.weights = interpolate_lambdas(self.lambdas_all, [s / (M - 2) if M > 2 else 0.0 for s in stages])
-        self.inputs = []
+        self.inputs, self.stem_out = [], None
 
     def _head(self, c, num_classes, opts, independent):
+        if self.imagenet:
+            return MLAANImageNetAux(c, num_classes) if independent else GreedyAux(c, num_classes)
         if self.kind == "greedy":
             return GreedyAux(c, num_classes)
         if self.kind == "dgl":
@@ -1630,7 +1737,7 @@ class MLAAN(LocalMethod):
         return infopro_aux(c, opts, num_classes, self.input_hw)
 
     def summary(self):
-        s = f"base {self.kind}, cascade depth {self.depth}, EMA decay {self.decay} ({'all' if self.ema_all else 'last'})"
+        s = f"base {self.kind}, cascade depth {self.depth}, EMA decay {self.decay} ({self.ema_mode})"
         return s + (f"; lambdas {self.lambdas_all} [{self.lambda_source}]" if self.kind == "infopro" else "")
 
     def aux_parts(self, k):
@@ -1648,16 +1755,30 @@ class MLAAN(LocalMethod):
     def start_module(self, k, h_in):
         self.inputs = ([] if k == 0 else self.inputs[-(self.depth - 1):] if self.depth > 1 else []) + [h_in]
 
+    def run_module(self, net, k, h_in):
+        if k > 0:
+            return net.run(h_in, k)
+        with torch.enable_grad():                          # the stem runs once, and keeps its graph for the
+            self.stem_out = net.units[0](h_in)             # first cascade (the official `y = clone(stem(x))`)
+        h = self.stem_out
+        for u in net.units[1:net.bounds[0][1]]:
+            h = u(h)
+        return h
+
     def module_needs_graph(self, k):
-        # The last module's loss and those before the first boundary with a loss do not use the module's own
-        # graph (the cascade re-runs it): forward without one, so that it does not hold memory.
-        return self.first <= k < self.n_modules - 1
+        # The modules before the first boundary with a loss do not use their own graph (the cascade re-runs
+        # them), nor does the last one on CIFAR (its loss is the cascade's): forward without one, saving memory.
+        return self.first <= k < self.n_modules - 1 or (self.imagenet and k == self.n_modules - 1)
 
     def _cascade(self, k):
-        """Re-run modules k-D+1..k from the detached input of the first one (same values, longer graph)."""
-        net, y = self.net_ref[0], self.inputs[0]
-        for j in range(k - len(self.inputs) + 1, k + 1):
-            y = net.run(y, j)
+        """Re-run modules k-D+1..k from the detached input of the first one (same values, longer graph); from
+        the stem's output when the first one is module 0."""
+        net, j0 = self.net_ref[0], k - len(self.inputs) + 1
+        y, start = (self.stem_out, 1) if j0 == 0 else (self.inputs[0], net.bounds[j0][0])
+        for u in net.units[start:net.bounds[k][1]]:
+            y = u(y)
+        if j0 == 0:
+            self.stem_out = None                           # (its graph is consumed by this loss's backward)
         return y
 
     def _loss(self, head, z, batch, k, independent):
@@ -1684,13 +1805,23 @@ class MLAAN(LocalMethod):
         l_y, logits = self._loss(self.cascade[key], u, batch, k, False)
         return self.W_INDEP * l_x + self.W_CASCADE * l_y, logits
 
+    def zero_grad_parts(self, k, loss):
+        if self.kind != "infopro" or str(k) not in self.indep or self.weights[k][0]:
+            return []
+        return [self.indep[str(k)]["decoder"], self.cascade[str(k)]["decoder"]]   # 0 * reconstruction term
+
     def final_loss(self, k, h, batch, net):
         logits = net.head(self._cascade(k))                 # the official last loss uses the cascade chain
-        return F.cross_entropy(logits, batch.y), logits
+        loss = F.cross_entropy(logits, batch.y)
+        if self.imagenet:                                   # ImageNet code: plus 0.001 x the module's own path
+            loss = self.W_INDEP * F.cross_entropy(net.head(h), batch.y) + self.W_CASCADE * loss
+        return loss, logits
 
     def after_backward(self, k):
         last = self.n_modules - 1
-        for i in ([k] if k < last else []) if self.ema_all else ([last - 1] if k == last else []):
+        every = [k] if k < last and self.ema_mode != "last" else []
+        at_end = [last - 1] if k == last and self.ema_mode != "all" else []
+        for i in every + at_end:
             if str(i) in self.ema:
                 ema_update(self.ema[str(i)], self.net_ref[0].units[self.chain_units[i][0]], self.decay)
 
@@ -1981,12 +2112,19 @@ def forward_backward(net, method, batch, scaler, autocast, on_module_done=None):
         method.start_module(k, h_in)
         with autocast:
             with torch.set_grad_enabled(method.module_needs_graph(k)):
-                h = net.run(h_in, k)
+                h = method.run_module(net, k, h_in)
             if k < K - 1:
                 loss, logits = method.local_loss(k, method.aux_input(k, h), batch)
             else:
                 loss, logits = method.final_loss(k, h, batch, net)
         method.backward(k, loss, h_in, h, scaler)
+        # What the originals backpropagate as 0 * loss (a term, or a whole local loss, whose weight is 0) still
+        # gets a zero gradient here, without the work: weight decay and momentum keep moving those parameters.
+        parts = [] if k == K - 1 else method.zero_grad_parts(k, loss) + (
+            [] if loss.requires_grad else list(net.units[slice(*net.bounds[k])]))
+        for p in (p for part in parts for p in part.parameters()):
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
         method.after_backward(k)
         if on_module_done is not None:
             on_module_done(k)

@@ -909,7 +909,7 @@ def test_mlaan_contrast_cascade_uses_supcon():
     h = x
     for k in range(3):                                                     # the cascade re-runs modules 0..2
         m.start_module(k, h)
-        h = net.run(h, k).detach()
+        h = m.run_module(net, k, h).detach()
     loss, logits = m.local_loss(2, h, L.Batch(x, torch.tensor([0, 0, 1, 1]), torch.zeros(1, 3, 1, 1),
                                               torch.ones(1, 3, 1, 1)))
     assert logits is None and torch.isfinite(loss)
