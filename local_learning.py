@@ -237,29 +237,56 @@ TV_FILES = {
 }
 
 
+@contextlib.contextmanager
+def reading(path, what):
+    """Turn any failure to parse a dataset file into one line that names the file and the remedy."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        reason = (str(e).splitlines() or [""])[0][:200]
+        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {reason}); the file is corrupt or "
+                        f"truncated -- delete it and run again to download it anew (torchvision checks the "
+                        f"archive's md5), or replace it")
+
+
+def _same_length(x, y):
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} images but {len(y)} labels")
+    return x, y
+
+
 def _read_cifar(folder, files, label_key):
     xs, ys = [], []
     for f in files:
-        with open(os.path.join(folder, f), "rb") as fh:
+        path = os.path.join(folder, f)
+        with reading(path, "CIFAR batch"), open(path, "rb") as fh:
             d = pickle.load(fh, encoding="latin1")
-        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d[label_key], dtype=np.int64))
+            x, y = _same_length(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32),
+                                np.asarray(d[label_key], dtype=np.int64))
+        xs.append(x)
+        ys.append(y)
     return np.concatenate(xs), np.concatenate(ys)
 
 
 def _read_svhn(path):
     from scipy.io import loadmat  # SVHN ships MATLAB files; scipy is needed for this dataset only
-    m = loadmat(path)
-    x = np.ascontiguousarray(m["X"].transpose(3, 2, 0, 1))   # stored H x W x C x N
-    y = m["y"].astype(np.int64).reshape(-1) % 10              # digit 0 is stored as label 10
-    return x, y
+    with reading(path, "SVHN .mat file"):
+        m = loadmat(path)
+        x = np.ascontiguousarray(m["X"].transpose(3, 2, 0, 1))   # stored H x W x C x N
+        y = m["y"].astype(np.int64).reshape(-1) % 10              # digit 0 is stored as label 10
+        return _same_length(x, y)
 
 
 def _read_stl10(folder, split):
-    x = np.fromfile(os.path.join(folder, f"{split}_X.bin"), dtype=np.uint8).reshape(-1, 3, 96, 96)
-    x = np.ascontiguousarray(x.transpose(0, 1, 3, 2))         # stored column-major per channel
-    y = np.fromfile(os.path.join(folder, f"{split}_y.bin"), dtype=np.uint8).astype(np.int64) - 1  # 1..10 -> 0..9
-    return x, y
+    xp, yp = (os.path.join(folder, f"{split}_{n}.bin") for n in "Xy")
+    with reading(xp, "STL-10 image file"):
+        x = np.fromfile(xp, dtype=np.uint8).reshape(-1, 3, 96, 96)
+        x = np.ascontiguousarray(x.transpose(0, 1, 3, 2))         # stored column-major per channel
+    with reading(yp, "STL-10 label file"):
+        y = np.fromfile(yp, dtype=np.uint8).astype(np.int64) - 1  # 1..10 -> 0..9
+        return _same_length(x, y)
 
 
 def _download(name, root):
@@ -309,6 +336,18 @@ def load_torchvision(name, root, allow_download):
     return train, test
 
 
+def load_image(path, convert=None):
+    """One RGB image from disk (PIL); an unreadable file ends the run with one line naming it."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except Exception as e:
+        raise UserError(f"{path}: unreadable image ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); "
+                        f"delete or replace it")
+    return convert(im) if convert else im
+
+
 def _image_folders(root):
     dirs = [os.path.join(root, "train"), os.path.join(root, "val")]
     for d in dirs:
@@ -317,8 +356,8 @@ def _image_folders(root):
                             f"{root}/val/<class>/*; put the images there or point --data-dir at them")
     import torchvision.datasets as tvd
     try:
-        train = tvd.ImageFolder(dirs[0])
-        val = tvd.ImageFolder(dirs[1])
+        train = tvd.ImageFolder(dirs[0], loader=load_image)
+        val = tvd.ImageFolder(dirs[1], loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"{root}: {str(e).splitlines()[0]}")
     # Val labels follow the train folder's class order, whatever classes val happens to contain.
@@ -331,11 +370,10 @@ def _image_folders(root):
 
 def folder_spec(args):
     """DataSpec for --dataset folder: classes from train/, size from the first image, recipe from --norm."""
-    from PIL import Image
     train, _ = _image_folders(args.data_dir)
-    with Image.open(train.samples[0][0]) as im:
-        w, h = im.size
-    size = max(w, h)
+    if not train.samples:
+        raise UserError(f"{args.data_dir}/train has no images")
+    size = max(load_image(train.samples[0][0]).size)
     norm = args.norm or ("cifar10" if size <= 32 else "half" if size <= 96 else "imagenet")
     large = size > 96
     r = NORMS[norm]
@@ -349,8 +387,7 @@ def load_folder_uint8(ds, size):
     from PIL import Image
     x = np.empty((len(ds.samples), 3, size, size), dtype=np.uint8)
     for i, (path, _) in enumerate(ds.samples):
-        with Image.open(path) as im:
-            a = np.asarray(im.convert("RGB"))
+        a = load_image(path, np.asarray)
         if a.shape[:2] != (size, size):
             raise UserError(f"{path} is {a.shape[1]}x{a.shape[0]}; the small-image path needs every image to be "
                             f"{size}x{size} (like the first one)")
@@ -471,6 +508,13 @@ class HostLoader:
         return min(self.bs, len(self.labels) - it * self.bs)
 
     def __iter__(self):
+        try:
+            for x, y in self._batches():
+                yield x, y
+        except UserError as e:   # raised in a worker process: the DataLoader wraps it in the worker's traceback
+            raise UserError(str(e).rstrip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
+
+    def _batches(self):
         for x, y in self.dl:
             x = x.to(self.device, non_blocking=True)
             if self.channels_last:
@@ -577,6 +621,11 @@ ARCHS.update(resnet18=("imagenet", BasicBlock, [2, 2, 2, 2]), resnet34=("imagene
              resnet50=("imagenet", Bottleneck, [3, 4, 6, 3]), resnet101=("imagenet", Bottleneck, [3, 4, 23, 3]),
              resnet152=("imagenet", Bottleneck, [3, 8, 36, 3]))
 
+def family(arch):
+    """'cifar' or 'imagenet' for our ResNets, None for any other backbone."""
+    return ARCHS[arch][0] if arch in ARCHS else None
+
+
 # Published split tables (spec section 1.3/1.4), boundaries [stage, block] after which a module ends (K-1 of them;
 # [0, 0] = the stem alone). ResNet-32 K=16 makes the stem its own module, as the InfoPro code does.
 _ALL = lambda n: [[s, b] for s in (1, 2, 3) for b in range(n)]
@@ -599,9 +648,10 @@ SPLITS = {
         # the stem into module 1 and builds 54 modules -- its add-on reproduces that).
         55: [[0, 0]] + _ALL(18)[:-1],
     },
-    # ImageNet, InfoPro* K=2 (spec 1.5): module 1 = stem + layer1 + layer2[0..k].
-    "resnet101": {2: [[2, 0]]},
-    "resnet152": {2: [[2, 5]]},
+    # ImageNet. K=2: InfoPro* and MAN (spec 1.5): module 1 = stem + layer1 + layer2[0..k]. K=4: MAN++'s lists
+    # (JunhaoSu0/MAN_PlusPlus Exp_on_ImageNet/networks/configs.py; MAN's own final code has K=2 only).
+    "resnet101": {2: [[2, 0]], 4: [[2, 2], [3, 8], [3, 16]]},
+    "resnet152": {2: [[2, 5]], 4: [[2, 6], [3, 13], [3, 25]]},
 }
 # InfoPro* "balanced memory" tables: only ResNet-110, only CIFAR-10 and STL-10.
 BALANCED = {
@@ -877,6 +927,54 @@ class AuxClassifier(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.convs(h), 1), 1))
 
 
+# InfoPro's and MAN's ImageNet decoders (Experiments on ImageNet/networks/resnet.py; MAN's InfoProAux.py), by
+# input width: (kernel, output channels) of each conv; the map is upsampled x2 (bilinear, align_corners=True)
+# before every conv but the first, so 28 px (after layer2) or 14 px (after layer3) reach 224 px.
+IMAGENET_DECODERS = {512: [(1, 128), (3, 32), (3, 12), (3, 3)], 1024: [(1, 192), (1, 64), (3, 32), (3, 12), (3, 3)]}
+
+
+class ImageNetDecoder(nn.Module):
+    """The staged ImageNet decoder: conv (bias) -> BN -> ReLU, x2 upsampling between stages, the last conv to 3
+    channels without BN; returns the pre-sigmoid image (BCE with logits, as Decoder). 106,699 params at C=512,
+    232,011 at C=1024."""
+
+    def __init__(self, c, size):
+        super().__init__()
+        self.size, layers, stages = tuple(size), [], IMAGENET_DECODERS[c]
+        for i, (k, cout) in enumerate(stages):
+            last = i == len(stages) - 1
+            layers.append(nn.Sequential(nn.Conv2d(c, cout, k, 1, k // 2),
+                                        *([] if last else [nn.BatchNorm2d(cout), nn.ReLU(inplace=True)])))
+            c = cout
+        self.stages = nn.ModuleList(layers)
+
+    def forward(self, h):
+        n = len(self.stages)
+        for i, stage in enumerate(self.stages):
+            if i:   # x2, the last step exactly to the input size
+                size = self.size if i == n - 1 else tuple(2 * s for s in h.shape[-2:])
+                h = F.interpolate(h, size=size, mode="bilinear", align_corners=True)
+            h = stage(h)
+        return h
+
+
+class ImageNetAuxClassifier(nn.Module):
+    """InfoPro's / MAN's ImageNet head: 1x1 conv C -> C/4, 3x3/2 conv -> 256, 3x3/2 conv -> 512, 1x1 conv -> 2048
+    (each without bias, BN, ReLU), GAP, Linear 2048 -> classes; cross-entropy. 4,643,560 params at C=512,
+    5,135,336 at C=1024 (1000 classes)."""
+
+    def __init__(self, c, num_classes):
+        super().__init__()
+        layers = []
+        for cout, k, s in ((c // 4, 1, 1), (256, 3, 2), (512, 3, 2), (2048, 1, 1)):
+            layers += [nn.Conv2d(c, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            c = cout
+        self.convs, self.fc = nn.Sequential(*layers), nn.Linear(2048, num_classes)
+
+    def forward(self, h):
+        return self.fc(pool_features(self.convs(h)))
+
+
 def supcon_loss(z, y, temperature=0.07):
     """Supervised contrastive loss (Khosla et al. 2020), single view, as InfoPro's `contrast` mode:
 
@@ -909,7 +1007,7 @@ def fresh_copy(unit, init="random", our_init=True):
 class AugLocalAux(nn.Module):
     """AugLocal's auxiliary network for the module ending at unit L (Ma et al., ICLR 2024; ChenxiangMA/AugLocal):
     fresh, randomly initialised blocks with the architecture of D backbone units chosen uniformly among the units
-    that follow L, then GAP -> [BatchNorm1d if D <= 1] -> Linear.
+    that follow L, then GAP -> [BatchNorm1d if D <= 1, CIFAR ResNets] -> Linear.
 
         selected = [round(L + (n - L - 1) / D * j) for j = 1..D]     (n units; all remaining ones if D >= n-1-L)
     Python's round (half to even), as the official code -- half-up rounding builds different nets. On our
@@ -945,7 +1043,8 @@ class AugLocalAux(nn.Module):
                 raise UserError(f"--method auglocal: the copies of units {self.selected} do not chain on the output "
                                 f"of unit {L} ({'x'.join(map(str, shapes[L]))}): {str(e).splitlines()[0]}")
             cur = out.shape[1] if out.dim() == 4 else out.shape[-1]
-        self.head = nn.Sequential(*([nn.BatchNorm1d(cur)] if depth <= 1 else []), nn.Linear(cur, num_classes))
+        bn = depth <= 1 and family(net.arch) == "cifar"   # (the CIFAR code's head; not its ImageNet code's)
+        self.head = nn.Sequential(*([nn.BatchNorm1d(cur)] if bn else []), nn.Linear(cur, num_classes))
 
     def forward(self, h):
         return self.head(pool_features(self.blocks(h)))
@@ -1120,6 +1219,7 @@ class LocalMethod(nn.Module):
     options = {}                                  # option name -> Opt, the options this method introduces
     bases, default_base, base_defaults = (), None, {}   # add-ons: accepted --base names, and defaults set for them
     default_K = 16
+    imagenet_protocol = None                      # the paper's ImageNet batch, lr and epochs, where it has one
 
     def __init__(self, net, opts, num_classes, shapes=None, chain=None):
         super().__init__()
@@ -1289,6 +1389,9 @@ def published_lambdas(dataset, arch, K, balanced):
     """The published (ixx_1, ixy_1, ixx_2, ixy_2) for this setting, else a documented stand-in:
     the CIFAR-10 command of the same arch and K, else CIFAR-10 ResNet-110's command with the nearest K.
     Returns (values, where they came from)."""
+    if family(arch) == "imagenet":     # the ImageNet README: one (ixx, ixy) per net, used at every module
+        ixx, ixy = (5, 1) if arch == "resnet152" else (5, 0.75)
+        return (ixx, ixy, ixx, ixy), f"InfoPro ImageNet README ({'resnet152' if arch == 'resnet152' else 'resnet101'})"
     key = (dataset, arch, K, balanced)
     if key in INFOPRO_LAMBDAS:
         return INFOPRO_LAMBDAS[key], f"published ({dataset}, {arch}, K={K}{', InfoPro*' if balanced else ''})"
@@ -1300,8 +1403,11 @@ def published_lambdas(dataset, arch, K, balanced):
         f"not published for {dataset}/{arch}/K={K}; CIFAR-10 ResNet-110 K={near}'s"
 
 
-def infopro_aux(c, opts, num_classes, image_size, config=None, loss=None):
-    """Decoder + AuxClassifier of one InfoPro-style local loss (shared with MLAAN's InfoPro base)."""
+def infopro_aux(c, opts, num_classes, image_size, config=None, loss=None, imagenet=False):
+    """Decoder + AuxClassifier of one InfoPro-style local loss (shared with MAN and MLAAN's InfoPro base); on our
+    ImageNet ResNets, at the 512- and 1024-channel boundaries the official ImageNet nets instead."""
+    if imagenet and c in IMAGENET_DECODERS:
+        return nn.ModuleDict(dict(decoder=ImageNetDecoder(c, image_size), head=ImageNetAuxClassifier(c, num_classes)))
     return nn.ModuleDict(dict(decoder=Decoder(c, image_size, opts.aux_widen),
                               head=AuxClassifier(c, config or opts.aux_config, loss or opts.local_loss, num_classes,
                                                  opts.aux_widen, opts.aux_feature_dim)))
@@ -1335,17 +1441,22 @@ class InfoPro(LocalMethod):
 
     over the local modules k = 0..K-2, so module 0 uses (ixx_1, ixy_1) and module K-2 (ixx_2, ixy_2). Defaults:
     head 1c2f, contrast (tau 0.07), feature dim 128, widen 1, lambdas from the published commands (printed).
-    InfoPro* = --balanced-memory (its split tables). Needs image inputs and C x H x W features (the decoder
-    reconstructs the image)."""
+    InfoPro* = --balanced-memory (its split tables). ImageNet (its "Experiments on ImageNet" code, InfoPro* K=2
+    on ResNet-101/152): the staged ImageNetDecoder and the ImageNetAuxClassifier at 512- and 1024-channel
+    boundaries, cross-entropy, (ixx, ixy) = (5, 0.75) for ResNet-101, (5, 1) for ResNet-152 (its README), batch
+    1024, lr 0.4, 90 epochs, cosine from epoch 0 without warm-up. Needs image inputs and C x H x W features
+    (the decoder reconstructs the image)."""
     name = "infopro"
+    imagenet_protocol = dict(batch_size=1024, lr=0.4, epochs=90)
     options = dict(
         aux_config=Opt("1c2f", "InfoPro-family aux head, <n>c<m>f = n convs, m linears (default 1c2f; MAN: 2c2f)",
                        choices=AuxClassifier.CONFIGS),
         aux_widen=Opt(1.0, "width multiplier of decoder and aux head", type=float, lo=1e-9),
         aux_feature_dim=Opt(128, "hidden/embedding width D of the aux head (the original's default 0 builds a "
                             "broken head)", type=int, lo=1),
-        local_loss=Opt("contrast", "InfoPro task term: supervised contrastive (default) or softmax cross-entropy "
-                       "(default under MAN and MLAAN)", choices=("contrast", "cross_entropy")),
+        local_loss=Opt(lambda c: "cross_entropy" if family(c.arch) == "imagenet" else "contrast",
+                       "InfoPro task term: supervised contrastive (default) or softmax cross-entropy (default "
+                       "under MAN and MLAAN, and on ImageNet)", choices=("contrast", "cross_entropy")),
         lambdas=Opt(lambda c: published_lambdas(c.dataset, c.arch, c.K, c.balanced_memory), None),
         **LAMBDA_OPTIONS)
 
@@ -1356,9 +1467,11 @@ class InfoPro(LocalMethod):
                             f"(this network reads {'x'.join(map(str, net.input_shape))})")
         for shape in net.boundary_shapes:
             need_image_features("infopro", shape, "its decoder and head")
+        if family(net.arch) == "imagenet" and opts.local_loss == "contrast":
+            raise UserError("--local-loss contrast: the ImageNet aux nets of InfoPro and MAN are cross-entropy only")
 
     def __init__(self, net, opts, num_classes, shapes=None, chain=None):
-        self.input_hw = net.input_shape[1:]
+        self.input_hw, self.imagenet = net.input_shape[1:], family(net.arch) == "imagenet"
         super().__init__(net, opts, num_classes, shapes)
         self.contrast = opts.local_loss == "contrast"
         self.lambdas_all, self.lambda_source = opts.lambdas
@@ -1369,7 +1482,7 @@ class InfoPro(LocalMethod):
         return f"lambdas {self.lambdas_all} [{self.lambda_source}] per module (l1,l2): {w}"
 
     def make_aux(self, shape, num_classes, opts):
-        return infopro_aux(shape[0], opts, num_classes, self.input_hw)
+        return infopro_aux(shape[0], opts, num_classes, self.input_hw, imagenet=self.imagenet)
 
     def local_loss(self, k, z, batch):
         return infopro_loss(self.aux[k], z, batch, *self.weights[k], self.contrast)
@@ -1391,19 +1504,25 @@ class AugLocal(LocalMethod):
     from the requested number, K' = K - d: the last module takes the final d + 1 units with the real head and no
     boundary falls inside them. With one unit per module (the official ResNet-32 K=16 and ResNet-110 K=55 runs)
     that is exactly K - d modules (16 -> 13 at d = 3); with multi-unit modules (e.g. ResNet-32 K=8) only the
-    boundaries inside the last d + 1 units are dropped, so more than K - d modules remain. Defaults: d = 3, no
-    pyramid; the official commands use d in {1, 3, 5} with --pyramid 0.5.
+    boundaries inside the last d + 1 units are dropped, so more than K - d modules remain. That is the CIFAR
+    script (train.py); its ImageNet script (exp_imagenet) builds all K modules and no pyramid: ResNet-34 K=17
+    (the stem alone, then one block per module), d = 4, batch 1024, lr 0.4, 200 epochs (run.sh), which is what
+    the ImageNet ResNets and any other backbone get here. Defaults: d = 3, no pyramid; the official CIFAR
+    commands use d in {1, 3, 5} with --pyramid 0.5.
     On our ResNets the copied blocks are rebuilt with the widths and strides that fit (like the official code);
     on any other backbone the selected units are deep-copied and re-initialised, so their shapes must chain."""
     name = "auglocal"
+    imagenet_protocol = dict(batch_size=1024, lr=0.4, epochs=200)
     options = dict(aux_depth=Opt(3, "AugLocal: units per aux net d (official 1, 3, 5)", type=int, lo=1),
                    pyramid=Opt(0.0, "AugLocal pyramidal depth coefficient c (official commands 0.5; 0 = same depth d)",
                                type=float, lo=0))
 
     @classmethod
     def adjust_ends(cls, ends, opts):
-        # The last module takes the final d + 1 units: no aux net after any of them (with one unit per module
-        # this is the official K' = K - d).
+        # CIFAR script: the last module takes the final d + 1 units, no aux net after any of them (with one unit
+        # per module this is the official K' = K - d).
+        if family(opts.arch) != "cifar":
+            return ends
         kept = [e for e in ends[:-1] if e <= ends[-1] - 1 - opts.aux_depth] + ends[-1:]
         if len(kept) < 2:
             raise UserError(f"--aux-depth {opts.aux_depth} with --K {len(ends)}: AugLocal's last module takes the "
@@ -1559,7 +1678,9 @@ class MAN(AddOn):
     name = "man"
     bases, default_base = ("infopro", "dgl"), "infopro"
     base_defaults = {"infopro": dict(aux_config="2c2f", local_loss="cross_entropy",
-                                     lambdas=((5, 0.5, 0, 0), "MAN README command"))}
+                                     lambdas=lambda c: ((5, 0.75, 5, 0.75), "MAN ImageNet code (hard-coded)")
+                                     if family(c.arch) == "imagenet" else ((5, 0.5, 0, 0), "MAN README command"))}
+    imagenet_protocol = dict(batch_size=128, lr=0.05, epochs=90)
     options = dict(
         ema_decay=Opt(0.995, "MAN/MLAAN EMA decay m: ema <- m ema + (1-m) block (official MAN default 1.0 freezes "
                       "it)", type=float, lo=0, hi=1),
@@ -1617,11 +1738,6 @@ MLAAN_CHAINS = {
 }
 
 
-def family(arch):
-    """'cifar' or 'imagenet' for our ResNets, None for any other backbone."""
-    return ARCHS[arch][0] if arch in ARCHS else None
-
-
 @register
 class MLAAN(LocalMethod):
     """MLAAN, Multilaminar Leap Augmented Auxiliary Network (Zhang et al., AAAI 2025, arXiv 2406.16633; official
@@ -1675,6 +1791,7 @@ class MLAAN(LocalMethod):
         mlaan_copies=Opt(None, "MLAAN: EMA copies frozen (official greedy/dgl files) or also SGD-trained (official "
                          "InfoPro file, which never freezes them; its default)", choices=("frozen", "trained")))
     W_INDEP, W_CASCADE = 0.001, 0.999
+    imagenet_protocol = dict(batch_size=128, lr=0.05, epochs=150)
 
     @classmethod
     def adjust_ends(cls, ends, opts):
@@ -2344,9 +2461,12 @@ def resolve_config(args):
     chain = method_chain(args.method, args.base)          # unknown or incompatible names fail here, in one line
     args.base = "+".join(chain[1:]) or None
     args.K = METHODS[args.method].default_K if args.K is None else args.K
-    args.batch_size = args.batch_size or spec.batch
-    args.lr = spec.lr if args.lr is None else args.lr
-    args.epochs = spec.epochs if args.epochs is None else args.epochs
+    # ImageNet: each paper's protocol (the outermost method of the chain that has one), else the dataset's.
+    proto = next((METHODS[n].imagenet_protocol for n in chain if METHODS[n].imagenet_protocol), {}) \
+        if spec.schedule == "imagenet" else {}
+    args.batch_size = args.batch_size or proto.get("batch_size", spec.batch)
+    args.lr = proto.get("lr", spec.lr) if args.lr is None else args.lr
+    args.epochs = proto.get("epochs", spec.epochs) if args.epochs is None else args.epochs
     args.warmup_epochs = (10 if spec.schedule == "cifar" else 0) if args.warmup_epochs is None else args.warmup_epochs
     least = dict(batch_size=2, epochs=1, bench=0, subset=0, test_subset=0, mem_iters=0, lr=0, wd=0, warmup_epochs=0)
     for name, lo in least.items():   # (batch >= 2: train-mode BatchNorm needs two samples)

@@ -224,7 +224,7 @@ def test_resume_equals_uninterrupted(cifar_dir, tmp_path, monkeypatch):
     real = L.train_epoch
 
     def crash_at_epoch_3(*a, **k):
-        if a[-2] == 3:
+        if a[10] == 3:                                   # the epoch argument
             raise KeyboardInterrupt
         return real(*a, **k)
 
@@ -913,3 +913,125 @@ def test_mlaan_contrast_cascade_uses_supcon():
     loss, logits = m.local_loss(2, h, L.Batch(x, torch.tensor([0, 0, 1, 1]), torch.zeros(1, 3, 1, 1),
                                               torch.ones(1, 3, 1, 1)))
     assert logits is None and torch.isfinite(loss)
+
+
+# ------------------------------------------------------------------------------------------------ issue 13 fixes
+
+def _one_step(net, m, x, y, lr=0.1):
+    opt = torch.optim.SGD(list(net.parameters()) + list(m.parameters()), lr=lr, momentum=0.9, nesterov=True,
+                          weight_decay=1e-4)
+    opt.zero_grad(set_to_none=True)
+    L.forward_backward(net, m, L.Batch(x, y), torch.amp.GradScaler("cpu", enabled=False),
+                       torch.autocast("cpu", enabled=False))
+    return opt
+
+
+@pytest.mark.parametrize("base, D", [("greedy", 2), ("dgl", 3)])
+def test_mlaan_runs_the_stem_once_and_counts_bn_updates_as_official(base, D):
+    """Official BN update counts per iteration (stem 1, E_0 2, E_1 3, middle D+1, E_{M-2} 3, E_{M-1} 2)."""
+    torch.manual_seed(0)
+    net, m = build_cli("--method", "mlaan", "--base", base, "--K", "16")
+    _one_step(net, m, torch.randn(4, 3, 32, 32), torch.arange(4) % 10)
+    tracked = lambda u: int(next(b for n, b in net.units[u].named_buffers() if n.endswith("num_batches_tracked")))
+    M = net.K
+    unit_of = lambda k: net.bounds[k][1] - 1                       # each module's (last) residual block
+    assert tracked(0) == 1                                          # the stem: once (it ran twice before the fix)
+    assert [tracked(unit_of(k)) for k in (0, 1, M // 2, M - 2, M - 1)] == [2, 3, D + 1, 3, 2]
+    assert all(p.grad is not None for p in net.units[0].parameters())  # ...and still learns from the cascade
+
+
+def test_mlaan_dgl_head_pools_to_8x8_first():
+    torch.manual_seed(0)
+    head = L.MLAANDGLAux(16, 10).eval()
+    h = torch.randn(2, 16, 32, 32)
+    assert torch.allclose(head(h), head(F.adaptive_avg_pool2d(h, 8)))
+    assert [n_params(L.MLAANDGLAux(c, 10)) for c in (16, 32, 64)] == [635_146, 637_194, 641_290]
+
+
+@pytest.mark.parametrize("arch, K, total", [("resnet32", 16, 838_294), ("resnet110", 55, 3_375_036)])
+def test_dgl_head_auglocal_counts(arch, K, total):
+    """AugLocal repository's DGL head (counts of its constructor): two hidden Linear layers without bias."""
+    assert [n_params(L.AugLocalDGLAux((c, s, s), 10)) for c, s in ((16, 32), (32, 16), (64, 8))] == \
+        [9_962, 37_834, 147_338]
+    _, m = build_cli("--method", "dgl", "--arch", arch, "--K", str(K), "--dgl-head", "auglocal")
+    assert n_params(m) == total
+    _, m = build_cli("--method", "dgl", "--arch", arch, "--K", str(K))
+    assert n_params(m) == {16: 1_217_174, 55: 4_901_244}[K]      # the DGL authors' head (default)
+    with pytest.raises(L.UserError, match="dgl-head"):
+        build_cli("--method", "mlaan", "--base", "dgl", "--dgl-head", "auglocal")
+
+
+def test_predsim_pools_like_the_official_helper_on_stl10():
+    aux = L.PredSimAux(64, 24, 24, 10)                              # kernel 16x8, rows padded by 8: 2x3 cells
+    assert aux.pred.in_features == 384 and n_params(aux.pred) == 3_850
+    h = torch.randn(2, 64, 24, 24)
+    padded = F.pad(h, (0, 0, 8, 8))                                 # zeros count in the average
+    ref = F.avg_pool2d(padded, (16, 8))
+    assert torch.allclose(aux.pool(h), ref)
+    assert [L.PredSimAux(c, s, s, 10).pred.in_features for c, s in ((16, 96), (32, 48), (16, 32), (64, 8))] == \
+        [288, 288, 512, 512]
+    net, m = build_cli("--method", "predsim", "--dataset", "stl10")
+    assert [m.aux[k].pred.in_features for k in range(11, 15)] == [384] * 4
+
+
+def test_zero_weight_module_gets_zero_gradients_and_weight_decay():
+    """MAN at K=4: module 1 has weights (0, 0); the originals still backpropagate 0 * loss."""
+    torch.manual_seed(0)
+    net, m = build_cli("--method", "man", "--K", "4")
+    assert m.base.weights[1] == (0.0, 0.0)
+    before = [p.clone() for p in net.units[net.bounds[1][0]].parameters()]
+    opt = _one_step(net, m, torch.randn(4, 3, 32, 32), torch.arange(4) % 10)
+    module1 = [p for u in net.units[slice(*net.bounds[1])] for p in u.parameters()]
+    parts = [p for part in (m.lb[1], m.base.aux[1]["decoder"], m.base.aux[1]["head"]) for p in part.parameters()]
+    assert all(p.grad is not None and not p.grad.any() for p in module1 + parts)
+    assert all(p.grad is None for p in m.ema[1].parameters())      # frozen: as the original
+    opt.step()
+    for p, p0 in zip(net.units[net.bounds[1][0]].parameters(), before):
+        assert torch.allclose(p, p0 * (1 - 0.1 * 1.9 * 1e-4))        # nesterov's first step: weight decay only
+
+
+def test_mlaan_infopro_copies_trained_by_default_frozen_on_request():
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 32, 32), torch.arange(4) % 10
+    net, m = build_cli("--method", "mlaan", "--K", "8")
+    _one_step(net, m, x, y)
+    assert all(p.requires_grad and p.grad is not None for k in m.ema for p in m.ema[k].parameters())
+    net, m = build_cli("--method", "mlaan", "--K", "8", "--mlaan-copies", "frozen")
+    _one_step(net, m, x, y)
+    assert all(p.grad is None for k in m.ema for p in m.ema[k].parameters())
+    _, g = build_cli("--method", "mlaan", "--base", "greedy", "--K", "8")
+    assert all(not p.requires_grad for p in g.ema.parameters())   # the greedy/dgl files freeze them
+
+
+def _write_bad_files(root):
+    from PIL import Image
+    c = os.path.join(root, "c", "cifar-10-batches-py")
+    os.makedirs(c)
+    write_cifar10(os.path.join(root, "c"))
+    with open(os.path.join(c, "data_batch_3"), "r+b") as f:
+        f.truncate(100)
+    os.makedirs(os.path.join(root, "s"))
+    write_svhn(os.path.join(root, "s"))
+    with open(os.path.join(root, "s", "test_32x32.mat"), "wb") as f:
+        f.write(b"MATLAB garbage" * 20)
+    write_stl10(os.path.join(root, "t"))
+    with open(os.path.join(root, "t", "stl10_binary", "train_X.bin"), "ab") as f:
+        f.write(b"xyz")
+    for split in ("train", "val"):
+        d = os.path.join(root, "f", split, "cat")
+        os.makedirs(d)
+        for i in range(3):
+            Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(os.path.join(d, f"{i}.png"))
+    with open(os.path.join(root, "f", "val", "cat", "1.png"), "wb") as f:
+        f.write(b"not a png")
+
+
+@pytest.mark.parametrize("dataset, sub, bad", [("cifar10", "c", "data_batch_3"), ("svhn", "s", "test_32x32.mat"),
+                                               ("stl10", "t", "train_X.bin"), ("folder", "f", "1.png")])
+def test_corrupt_dataset_files_are_one_line_errors(tmp_path, dataset, sub, bad):
+    _write_bad_files(str(tmp_path))
+    r = cli("--dataset", dataset, "--data-dir", str(tmp_path / sub), "--no-download", "--epochs", "1",
+            "--batch-size", "4")
+    err = r.stderr.strip()
+    assert r.returncode == 2 and err.startswith("error:") and "\n" not in err, err
+    assert bad in err and ("delete" in err)
