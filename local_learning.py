@@ -827,6 +827,11 @@ class LocalNet(nn.Module):
 # 4. Auxiliary networks
 # =============================================================================================================
 
+def fp32(t):
+    """Losses are computed in at least float32: half-precision tensors (autocast) are upcast, others kept."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def pool_features(h):
     """B x C x H x W -> B x C (global average pooling); B x N x D tokens -> B x D (token mean); B x D as it is."""
     if h.dim() == 4:
@@ -980,8 +985,8 @@ def supcon_loss(z, y, temperature=0.07):
 
         l_i = -1/|P(i)| sum_{p in P(i)} [ s_ip - log sum_{a != i} exp(s_ia) ],  s_ij = <z_i, z_j> / tau,  z L2-normed
         P(i) = {p != i : y_p = y_i};  |P(i)| = 0 counts as 1 (the anchor adds 0 but stays in the mean over B).
-    tau = base temperature = 0.07, so the tau/tau_base factor is 1. Computed in fp32."""
-    z = F.normalize(z.float(), dim=1)
+    tau = base temperature = 0.07, so the tau/tau_base factor is 1. Computed in (at least) fp32."""
+    z = F.normalize(fp32(z), dim=1)
     s = z @ z.t() / temperature
     s = s - s.max(1, keepdim=True).values.detach()            # stability only: cancels in the loss
     eye = torch.eye(len(y), dtype=torch.bool, device=z.device)
@@ -1080,7 +1085,7 @@ class PredSimAux(nn.Module):
 def similarity_matrix(x):
     """Row-centred cosine similarity (B x B) used by PredSim: 4-D maps are first reduced to the spatial standard
     deviation of each channel (unbiased), as the original."""
-    x = x.float()
+    x = fp32(x)
     if x.dim() == 4 and x.shape[1] > 3 and x.shape[2] > 1:
         x = x.flatten(2).std(dim=2)
     x = x.flatten(1)
@@ -1416,15 +1421,15 @@ def infopro_aux(c, opts, num_classes, image_size, config=None, loss=None, imagen
 def infopro_loss(aux, z, batch, l1, l2, contrast):
     """l1 * BCE(decoder(z), x01) + l2 * {SupCon | CE}(head(z)); a term whose weight is 0 is not computed (same
     gradients for everything that is used, less work). Returns (loss, logits or None)."""
-    loss, logits = z.new_zeros(()).float(), None
+    loss, logits = fp32(z.new_zeros(())), None
     if l1:
-        loss = loss + l1 * F.binary_cross_entropy_with_logits(aux["decoder"](z).float(), batch.x01())
+        loss = loss + l1 * F.binary_cross_entropy_with_logits(fp32(aux["decoder"](z)), batch.x01())
     if l2:
         out = aux["head"](z)
         if contrast:
             loss = loss + l2 * supcon_loss(out, batch.y)
         else:
-            loss, logits = loss + l2 * F.cross_entropy(out.float(), batch.y), out
+            loss, logits = loss + l2 * F.cross_entropy(fp32(out), batch.y), out
     return loss, logits
 
 
@@ -1576,8 +1581,8 @@ class PredSim(LocalMethod):
     def local_loss(self, k, z, batch):
         l_sim, l_pred = self.weights[k]
         logits, sim_feat = self.aux[k](z)
-        target = similarity_matrix(F.one_hot(batch.y, self.num_classes).float())
-        loss = l_sim * F.mse_loss(similarity_matrix(sim_feat), target) + l_pred * F.cross_entropy(logits.float(), batch.y)
+        target = similarity_matrix(F.one_hot(batch.y, self.num_classes).to(sim_feat.dtype))
+        loss = l_sim * F.mse_loss(similarity_matrix(sim_feat), target) + l_pred * F.cross_entropy(fp32(logits), batch.y)
         return loss, logits
 
     def summary(self):
@@ -1901,17 +1906,17 @@ class MLAAN(LocalMethod):
     def _loss(self, head, z, batch, k, independent):
         if self.kind != "infopro":
             logits = head(z)
-            return F.cross_entropy(logits.float(), batch.y), logits
+            return F.cross_entropy(fp32(logits), batch.y), logits
         a, b = self.weights[k]
         out = head["head"](z)
         contrast = independent or self.contrast           # the independent classifier is always SupCon
-        task = supcon_loss(out, batch.y) if contrast else F.cross_entropy(out.float(), batch.y)
-        recon = F.binary_cross_entropy_with_logits(head["decoder"](z).float(), batch.x01()) if a else 0.0
+        task = supcon_loss(out, batch.y) if contrast else F.cross_entropy(fp32(out), batch.y)
+        recon = F.binary_cross_entropy_with_logits(fp32(head["decoder"](z)), batch.x01()) if a else 0.0
         return a * recon + b * task, None if contrast else out
 
     def local_loss(self, k, z, batch):
         if k < self.first:
-            return z.new_zeros(()).float(), None
+            return fp32(z.new_zeros(())), None
         key = str(k)
         y = self._cascade(k)
         aug = self.aug[key]
@@ -1949,9 +1954,9 @@ def sgr_distance(a, b, kind):
     Batch-size invariant (our choice; the paper's constants were not available): a mean-reduced loss gives every
     sample's gradient a 1/B factor, so both are multiplied by B (per-sample-loss gradients) and the distance is
     averaged over samples:  sq_l2 = mean_i ||a_i - b_i||^2,  l2 = mean_i ||a_i - b_i||,  cos = mean_i (1 - cos(a_i, b_i)).
-    Computed in fp32."""
-    B, up = a.shape[0], (lambda t: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t)
-    a, b = up(a).flatten(1) * B, up(b).flatten(1) * B
+    Computed in (at least) fp32."""
+    B = a.shape[0]
+    a, b = fp32(a).flatten(1) * B, fp32(b).flatten(1) * B
     if kind == "cos":
         return (1 - F.cosine_similarity(a, b, dim=1, eps=1e-12)).mean()
     sq = (a - b).pow(2).sum(1)

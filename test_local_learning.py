@@ -4,6 +4,7 @@ Tiny datasets are written here in the real torchvision on-disk formats (CIFAR pi
 and as an ImageFolder tree of PNGs. Numbers pinned below come from ../shared/specs/infopro_dgl_man.md.
 """
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -1035,3 +1036,252 @@ def test_corrupt_dataset_files_are_one_line_errors(tmp_path, dataset, sub, bad):
     err = r.stderr.strip()
     assert r.returncode == 2 and err.startswith("error:") and "\n" not in err, err
     assert bad in err and ("delete" in err)
+
+
+# ------------------------------------------------------------------------------------------------ ImageNet configs
+
+def test_imagenet_split_tables():
+    assert module_sizes("resnet101", 2) == [4, 29]                   # InfoPro*/MAN K=2: boundary [2,0]
+    assert module_sizes("resnet152", 2) == [9, 41]                   # [2,5]
+    assert module_sizes("resnet101", 4) == [6, 10, 8, 9]             # MAN++ K=4: [2,2],[3,8],[3,16]
+    assert module_sizes("resnet152", 4) == [10, 15, 12, 13]          # [2,6],[3,13],[3,25]
+    assert module_sizes("resnet34", 17) == [0] + [1] * 16            # AugLocal: the stem alone, then one block each
+    assert module_sizes("resnet34", 16) == [1] * 16                  # MLAAN (stem in module 1)
+    assert module_sizes("resnet101", 33) == [1] * 33
+
+
+@pytest.mark.parametrize("argv, total, trainable", [
+    # the official ImageNet constructors (run on CPU), whole model: InfoPro-Pytorch, MAN, MAN_PlusPlus's K=4 lists
+    # (plain MAN: without MAN++'s 3 learnable scales), AugLocal's run.sh, MLAAN's used parts (+ frozen EMA blocks)
+    (("infopro", "resnet101", "2"), 49_299_419, 49_299_419), (("infopro", "resnet152", "2"), 64_943_067, 64_943_067),
+    (("man", "resnet101", "2"), 49_859_547, 49_579_483), (("man", "resnet152", "2"), 65_503_195, 65_223_131),
+    (("man", "resnet101", "4"), 65_062_977, 62_548_545), (("man", "resnet152", "4"), 80_706_625, 78_192_193),
+    (("auglocal", "resnet34", "17", "--aux-depth", "4"), 176_157_608, 176_157_608),
+    (("mlaan", "resnet34", "16", "--base", "greedy"), 179_155_512, 161_218_360),
+    (("mlaan", "resnet101", "33", "--base", "greedy"), 610_117_256, 455_853_192),
+])
+def test_imagenet_parameter_counts_match_official_constructors(argv, total, trainable):
+    method, arch, K, *extra = argv
+    with torch.device("meta"):                                       # shapes only: no memory, no init time
+        net, m = build_cli("--method", method, "--dataset", "imagenet", "--arch", arch, "--K", K, *extra)
+    assert n_params(net) + n_params(m) == total
+    assert sum(p.numel() for p in list(net.parameters()) + list(m.parameters()) if p.requires_grad) == trainable
+
+
+def test_imagenet_aux_nets_protocols_and_weights():
+    with torch.device("meta"):
+        net, m = build_cli("--method", "infopro", "--dataset", "imagenet", "--arch", "resnet101", "--K", "2")
+        assert isinstance(m.aux[0]["decoder"], L.ImageNetDecoder) and m.weights == [(5, 0.75)] and not m.contrast
+        assert n_params(m.aux[0]["decoder"]) == 106_699 and n_params(m.aux[0]["head"]) == 4_643_560
+        net, m = build_cli("--method", "man", "--dataset", "imagenet", "--arch", "resnet101", "--K", "4")
+        assert [n_params(a["decoder"]) for a in m.base.aux] == [106_699, 232_011, 232_011]
+        assert [n_params(a["head"]) for a in m.base.aux] == [4_643_560, 5_135_336, 5_135_336]
+        assert m.base.weights == [(5, 0.75)] * 3                     # hard-coded in MAN's ImageNet code
+        _, m = build_cli("--method", "infopro", "--dataset", "imagenet", "--arch", "resnet152", "--K", "2")
+        assert m.weights == [(5, 1)]
+    protocol = lambda *a: (lambda args: (L.resolve_config(args), (args.batch_size, args.lr, args.epochs,
+                                                                 args.warmup_epochs))[1])(L.parse_args(list(a)))
+    im = ("--dataset", "imagenet")
+    assert protocol("--method", "infopro", *im) == (1024, 0.4, 90, 0)
+    assert protocol("--method", "man", *im) == (128, 0.05, 90, 0)
+    assert protocol("--method", "auglocal", *im) == (1024, 0.4, 200, 0)
+    assert protocol("--method", "mlaan", "--base", "greedy", *im) == (128, 0.05, 150, 0)
+    assert protocol("--method", "dgl", *im) == (256, 0.1, 90, 0)
+    assert L.lr_at(1, 0.4, 90, 0, "imagenet") == 0.4                # counted from epoch 0, no warm-up
+    with pytest.raises(L.UserError, match="greedy"):
+        build_cli("--method", "mlaan", "--dataset", "imagenet", "--arch", "resnet34", "--K", "16")
+
+
+@pytest.fixture(scope="session")
+def tiny_imagenet(tmp_path_factory):
+    from PIL import Image
+    root = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 2), ("val", 1)):
+        for c in "ab":
+            os.makedirs(root / split / c)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(root / split / c / f"{i}.jpg")
+    return str(root)
+
+
+@pytest.mark.parametrize("argv", [("infopro", "resnet101", "2"), ("man", "resnet101", "4"),
+                                  ("auglocal", "resnet34", "17", "--aux-depth", "4"),
+                                  ("mlaan", "resnet34", "16", "--base", "greedy")])
+def test_imagenet_aux_nets_smoke(tiny_imagenet, argv):
+    method, arch, K, *extra = argv
+    r = L.main(["--method", method, "--arch", arch, "--K", K, *extra, "--dataset", "imagenet", "--data-dir",
+                tiny_imagenet, "--epochs", "1", "--batch-size", "2", "--workers", "0", "--mem-iters", "1"])
+    assert r["modules"] == int(K) and 0 <= r["final_acc"] <= 100 and math.isfinite(r["history"][0]["loss"])
+
+
+# ------------------------------------------------------------------------------------------------ data parallel
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_train(net, m, rank, world, steps, eval_bn, sync=True, N=9, dtype=torch.float32):
+    """`steps` SGD steps on fixed random global batches of N (N odd: rank parts of 4 and 5); returns the
+    gradients of every step (the rank's copy after the all-reduce)."""
+    net.to(dtype), m.to(dtype)
+    params = list(net.parameters()) + list(m.parameters())
+    opt = torch.optim.SGD(params, lr=0.005 if eval_bn else 0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    averager = L.GradAverager(params, world) if sync else None
+    scaler, ac = torch.amp.GradScaler("cpu", enabled=False), torch.autocast("cpu", enabled=False)
+    g, grads = torch.Generator().manual_seed(1), []
+    if eval_bn:   # BatchNorm on running statistics set from one full calibration batch (the same on every rank)
+        bns = [b for b in list(net.modules()) + list(m.modules()) if isinstance(b, nn.modules.batchnorm._BatchNorm)]
+        for b in bns:
+            b.reset_running_stats()
+            b.momentum = None                                  # cumulative average: after one batch, its statistics
+        L.forward_backward(net, m, L.Batch(torch.randn(N, 3, 32, 32, generator=g).to(dtype), torch.arange(N) % 10),
+                           scaler, ac)
+        opt.zero_grad(set_to_none=True)
+    net.train(not eval_bn), m.train(not eval_bn)
+    for _ in range(steps):
+        x, y = torch.randn(N, 3, 32, 32, generator=g).to(dtype), torch.randint(0, 10, (N,), generator=g)
+        part = L.shard(N, rank, world)
+        L.train_step(net, m, opt, L.Batch(x[part], y[part]), scaler, ac, None, averager, len(y[part]) / N)
+        grads.append({n: p.grad.clone() for n, p in list(net.named_parameters()) + list(m.named_parameters())
+                      if p.grad is not None})
+    if averager is not None:   # which module's backward finalises each gradient (its all-reduce starts there)
+        names = {p: n for n, p in list(net.named_parameters()) + list(m.named_parameters())}
+        grads.append({k: sorted(names[p] for p in ps) for k, ps in averager.buckets.items()})
+    return grads
+
+
+DDP_METHODS = {"bp": ("--method", "bp", "--K", "1"), "dgl": ("--method", "dgl", "--K", "8"),
+               "infopro": ("--method", "infopro", "--K", "8", "--local-loss", "cross_entropy"),
+               "man": ("--method", "man", "--base", "dgl", "--K", "8"),
+               "mlaan": ("--method", "mlaan", "--base", "greedy", "--K", "8"),
+               "sgr": ("--method", "sgr", "--base", "dgl", "--K", "8")}
+
+
+def _ddp_worker(rank, world, port, out, eval_bn, names, dtype):
+    import torch.distributed as dist
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        for name in names:
+            torch.manual_seed(0)
+            net, m = build_cli(*DDP_METHODS[name])
+            L.DataParallel(torch.device("cpu")).prepare(net, m, False)
+            grads = _ddp_train(net, m, rank, world, 3, eval_bn, dtype=dtype)
+            torch.save(dict(grads=grads, params={**dict(net.named_parameters()), **dict(m.named_parameters())}),
+                       os.path.join(out, f"{name}_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(out, eval_bn, names, world=2, dtype=torch.float32):
+    import torch.multiprocessing as mp
+    mp.spawn(_ddp_worker, args=(world, _free_port(), str(out), eval_bn, names, dtype), nprocs=world, join=True)
+    return {(n, r): torch.load(os.path.join(out, f"{n}_{r}.pt"), weights_only=False) for n in names
+            for r in range(world)}
+
+
+def test_data_parallel_ranks_stay_bit_identical(tmp_path):
+    """Train mode (per-rank BatchNorm statistics), 3 steps: every parameter, EMA copies included, is the same
+    bit for bit on both ranks, and training moved it."""
+    res = _spawn(tmp_path, False, list(DDP_METHODS))
+    for name in DDP_METHODS:
+        a, b = res[(name, 0)]["params"], res[(name, 1)]["params"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        torch.manual_seed(0)
+        net, m = build_cli(*DDP_METHODS[name])
+        buckets = res[(name, 0)]["grads"][-1]
+        if name == "dgl":           # one bucket per module: its units and its aux net, launched after its backward
+            assert sorted(buckets) == list(range(8))
+            assert all(n.startswith(("units.", "aux.3.")) for n in buckets[3]) and "aux.3.mlp.9.bias" in buckets[3]
+        if name == "mlaan":         # cascade depth 2: module k's gradients are final after module k+1's backward
+            k = next(k for k, (a, b) in enumerate(net.bounds) if a <= 2 < b)
+            assert "units.2.conv1.weight" in buckets[k + 1]
+        init = {**dict(net.named_parameters()), **dict(m.named_parameters())}
+        assert any(not torch.equal(init[k], a[k]) for k in a), name
+
+
+def test_data_parallel_gradient_equals_single_process_gradient(tmp_path):
+    """BatchNorm in eval mode (running statistics: no sample interacts with another, so the 2-rank average must
+    be the full-batch gradient), float64 (so that float rounding, amplified by training, stays invisible): with
+    rank parts of 4 and 5 of a global batch of 9, after the first step (averaged at its end) and the next ones
+    (bucketed, overlapped), the averaged gradients equal one process's on the global batch."""
+    names = ["bp", "dgl", "infopro", "man", "mlaan", "sgr"]
+    res = _spawn(tmp_path, True, names, dtype=torch.float64)
+    for name in names:
+        torch.manual_seed(0)
+        net, m = build_cli(*DDP_METHODS[name])
+        ref = _ddp_train(net, m, 0, 1, 3, True, sync=False, dtype=torch.float64)
+        for step, (g1, g2) in enumerate(zip(ref, res[(name, 0)]["grads"][:-1])):
+            assert g1.keys() == g2.keys(), name
+            for k in g1:
+                assert torch.isfinite(g1[k]).all() and torch.allclose(g1[k], g2[k], rtol=1e-7, atol=1e-10), \
+                    (name, step, k)
+
+
+def _torchrun(*argv, nproc=2, cwd=None):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           os.path.join(HERE, "local_learning.py"), *argv], capture_output=True, text=True,
+                          cwd=cwd, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_torchrun_only_rank0_writes(cifar_dir, tmp_path):
+    out, ck = str(tmp_path / "r.jsonl"), str(tmp_path / "ck.pt")
+    r = _torchrun(*train_args(cifar_dir, "--method", "dgl", "--K", "4", "--out", out, "--save", ck))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("config:") == 1 and r.stdout.count("world_size=2") == 1
+    lines = open(out).read().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["world_size"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt", "r.jsonl"]            # no stray temporary files
+
+
+def _main_worker(rank, world, port, argv, crash_epoch, out):
+    """L.main in a process of a gloo group, as torchrun would start it; optionally interrupted at an epoch."""
+    import torch.distributed as dist
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    real = L.train_epoch
+
+    def crash(*a, **k):
+        if a[10] == crash_epoch:                                          # the epoch argument
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    L.train_epoch = crash
+    try:
+        r = L.main(argv)
+        with open(os.path.join(out, f"result_{rank}.json"), "w") as f:
+            json.dump(r["history"], f)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        L.train_epoch = real
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_data_parallel_resume_equals_uninterrupted(cifar_dir, tmp_path):
+    import torch.multiprocessing as mp
+    run = lambda argv, crash, out: mp.spawn(_main_worker, args=(2, _free_port(), argv, crash, str(out)), nprocs=2)
+    argv = train_args(cifar_dir, "--method", "man", "--base", "dgl", "--K", "4", "--epochs", "3", "--warmup-epochs", "1")
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    run(argv, None, tmp_path / "a")
+    ck = str(tmp_path / "b" / "ck.pt")
+    run(argv + ["--save", ck], 3, tmp_path / "b")
+    assert torch.load(ck, weights_only=False)["epoch"] == 2
+    run(argv + ["--save", ck, "--resume", ck], None, tmp_path / "b")
+    full = json.load(open(tmp_path / "a" / "result_0.json"))
+    assert json.load(open(tmp_path / "b" / "result_0.json")) == full == json.load(open(tmp_path / "b" / "result_1.json"))
+
+
+def test_distributed_bad_launches_are_one_line():
+    r = cli("--sync-bn", "--print-splits")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --sync-bn needs several processes")
+    r = cli("--pipeline", "--print-splits")
+    assert r.returncode == 2 and "torchrun" in r.stderr and "\n" not in r.stderr.strip()
