@@ -138,7 +138,7 @@ def build_parser():
       help="module parallelism under torchrun: rank s trains a contiguous group of modules and passes activations "
            "on (section 9); default with several processes: data parallelism")
     a("--stages", default=None, metavar="N1,N2,...",
-      help="--pipeline: modules per stage (default: balanced by the FLOPs of each module and its aux net)")
+      help="--pipeline: modules per stage (default: balanced by the measured time of each module and its aux net)")
     a("--sync-bn", action="store_true", help="data parallel on CUDA: SyncBatchNorm (batch statistics over all ranks)")
     a("--bench", type=int, default=0,
       help="benchmark: N timed training iterations on synthetic data of the dataset's shape, one JSON line, exit")
@@ -1285,6 +1285,21 @@ class LocalMethod(nn.Module):
         local loss whose every weight is 0 still reaches them (the step adds the module's own units)."""
         return [] if loss.requires_grad else self.aux_parts(k)
 
+    # Module parallelism (--pipeline, section 9) asks two more things of a method:
+    hands_off = False           # True: a tensor travels with the activation to the next module (SGR's gradient)
+
+    def handoff(self):
+        """That tensor, after a stage's last module (None when there is none this time)."""
+        return None
+
+    def receive(self, t):
+        """Set it (or None) before the next stage's first module."""
+
+    def reads_after_backward(self, k):
+        """Backbone units of later modules whose weights after_backward(k) reads (MAN: the next module's first
+        block); a pipeline stage that does not own them gets their weights sent back by their stage."""
+        return []
+
     def final_loss(self, k, h, batch, net):
         """Loss of the last module: the network's own head and cross-entropy."""
         logits = net.head(h)
@@ -1648,6 +1663,9 @@ class AddOn(LocalMethod):
     def zero_grad_parts(self, k, loss):
         return self.base.zero_grad_parts(k, loss) + ([] if loss.requires_grad else self.aux_parts(k))
 
+    def reads_after_backward(self, k):
+        return self.base.reads_after_backward(k)
+
     def final_loss(self, k, h, batch, net):
         return self.base.final_loss(k, h, batch, net)
 
@@ -1701,6 +1719,7 @@ class MAN(AddOn):
         super().__init__(net, opts, num_classes, chain=chain,
                          aux_shapes=[net.unit_shapes[e + 1] for e in net.ends[:-1]])
         self.decay, self.tracked = opts.ema_decay, nxt      # plain list: the tracked blocks belong to the backbone
+        self.tracked_units = [e + 1 for e in net.ends[:-1]]
         ours = net.arch in ARCHS
         self.ema = nn.ModuleList([fresh_copy(b, opts.man_init, ours) for b in nxt])
         self.lb = nn.ModuleList([fresh_copy(b, opts.man_init, ours) for b in nxt])
@@ -1723,6 +1742,9 @@ class MAN(AddOn):
     def after_backward(self, k):
         if k < self.n_modules - 1:
             ema_update(self.ema[k], self.tracked[k], self.decay)
+
+    def reads_after_backward(self, k):
+        return [self.tracked_units[k]] if k < self.n_modules - 1 else []
 
 
 # MLAAN's leap chains (its configAuxPlus_new tables; ImageNet: ImageNet/networks/configAux_new.py): for
@@ -2012,6 +2034,14 @@ class SGR(AddOn):
             self.target = None                              # module 1 has no predecessor
         self.base.start_module(k, h_in)
 
+    hands_off = True                                        # b_k travels with the activation between stages
+
+    def handoff(self):
+        return self.target
+
+    def receive(self, t):
+        self.target = t
+
     def summary(self):
         return f"lambda {self.weight}, {self.kind}, target {'plain' if self.plain_target else 'regularised'}; " + \
             super().summary()
@@ -2225,9 +2255,17 @@ def forward_backward(net, method, batch, scaler, autocast, on_module_done=None):
     For k < K-1: h = f_k(sg(h)) -> L_k = local loss -> backward -> (hook) -> detach. The graph of module k is freed
     by its backward before module k+1's forward: that is where the memory saving comes from. Summing the local
     losses and calling backward once would keep every module's activations alive at the same time."""
-    h, K, y = batch.x, net.K, batch.y
+    _, losses, correct = run_modules(net, method, batch, batch.x, range(net.K), scaler, autocast, on_module_done)
+    return torch.stack([losses[-1], correct[-1]] + losses[:-1] + correct[:-1])
+
+
+def run_modules(net, method, batch, h, modules, scaler, autocast, on_module_done=None, deferred=()):
+    """Forward -> loss -> backward of `modules` (consecutive indices), starting from their input h. Returns the
+    last module's output (detached) and each module's loss and correct count (on the device). A module in
+    `deferred` gets its after_backward hook later, from the caller (a pipeline stage waiting for weights)."""
+    K, y = net.K, batch.y
     losses, correct = [], []
-    for k in range(K):
+    for k in modules:
         h_in = h.detach()
         if method.needs_input_grad(k):
             h_in.requires_grad_(True)
@@ -2247,13 +2285,14 @@ def forward_backward(net, method, batch, scaler, autocast, on_module_done=None):
         for p in (p for part in parts for p in part.parameters()):
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
-        method.after_backward(k)
+        if k not in deferred:
+            method.after_backward(k)
         if on_module_done is not None:
             on_module_done(k)
         losses.append(loss.detach().float())
         correct.append((logits.argmax(1) == y).sum().float() if logits is not None else
                        torch.full((), -1.0, device=y.device))
-    return torch.stack([losses[-1], correct[-1]] + losses[:-1] + correct[:-1])
+    return h.detach(), losses, correct
 
 
 def train_step(net, method, opt, batch, scaler, autocast, meter=None, sync=None, weight=1.0):
@@ -2449,6 +2488,358 @@ def init_distributed(args):
     if dist.get_rank() != 0:                   # one voice: rank 0 prints (errors still reach stderr)
         sys.stdout = open(os.devnull, "w")
     return (None if args.pipeline else DataParallel(device)), device
+
+
+# ---- module parallelism: --pipeline -----------------------------------------------------------------------------
+# Gradient isolation means module k+1 never waits for module k's backward. With the modules cut into S stages on
+# S ranks, rank s trains its modules on batch t while rank s+1 trains on batch t-1: every device works at once
+# (DGL's "decoupled" training). Rank 0 loads and augments the data; each stage receives a batch's activation
+# (and the input image and labels, which aux losses use) from rank s-1, runs forward -> local loss -> backward
+# for its modules, sends its output on, and steps its own optimizer. No gradient crosses a stage.
+#
+# Exactness. Per-parameter SGD makes one optimizer per stage the same as one for all. In the sequential run
+# module k trains on batch t as computed by module k-1's weights after t-1 updates; a stage's output for batch
+# t is computed before its t-th update, so the pipeline computes the same weights -- bit for bit where the
+# arithmetic is the same (tested). SGR's target gradient travels with the activation. MAN's EMA of the next
+# module's first block needs that block's weights after t-1 updates right after module k's backward on batch t,
+# when the next stage is still busy with batch t-1; the update is deferred until just before it is used (module
+# k's next forward), when the next stage has sent them: exact, and the stages still overlap. MLAAN's cascade
+# backpropagates into earlier modules, across stages: refused.
+
+def module_seconds(net, method, autocast, batch_size, iters=3):
+    """Wall time of each module's forward + local loss + backward on this device (a batch of up to 64 synthetic
+    inputs, the mean of `iters` steps after one warm-up): the cost --pipeline balances. (FLOPs misjudge CPUs,
+    where a high-resolution, few-channel convolution costs several times more per FLOP than a deep one.)
+    Measured on copies of the model, so nothing changes."""
+    net2, m2 = copy.deepcopy((net, method))
+    dev = next(net.parameters()).device
+    B = max(2, min(batch_size, 64))
+    x, y = torch.randn(B, *net.input_shape, device=dev), torch.arange(B, device=dev) % net.num_classes
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    stamps, total = [], [0.0] * net.K
+
+    def done(k):
+        sync()
+        stamps.append(time.perf_counter())
+
+    for it in range(iters + 1):
+        stamps.clear()
+        sync()
+        stamps.append(time.perf_counter())
+        forward_backward(net2, m2, Batch(x, y), torch.amp.GradScaler(dev.type, enabled=False), autocast, done)
+        net2.zero_grad(set_to_none=True)
+        m2.zero_grad(set_to_none=True)
+        if it:
+            total = [t + b - a for t, a, b in zip(total, stamps, stamps[1:])]
+    return [t / iters for t in total]
+
+
+def balance(costs, S):
+    """Module counts of S contiguous stages that minimise the largest stage cost (dynamic programming)."""
+    K, pre = len(costs), [0]
+    for c in costs:
+        pre.append(pre[-1] + c)
+    best = {(0, 0): (0, None)}                        # (stages, modules) -> (max stage cost, previous cut)
+    for s in range(1, S + 1):
+        for k in range(s, K - (S - s) + 1):
+            best[(s, k)] = min((max(best[(s - 1, j)][0], pre[k] - pre[j]), j) for j in range(s - 1, k)
+                               if (s - 1, j) in best)
+    cuts, k = [], K
+    for s in range(S, 0, -1):
+        j = best[(s, k)][1]
+        cuts.append(k - j)
+        k = j
+    return cuts[::-1]
+
+
+class Stage:
+    """Rank s of a pipeline: its modules, the parameters and aux nets it owns, its optimizer, and its links."""
+
+    def __init__(self, net, method, args, sizes, rank):
+        self.net, self.method, self.rank, self.S, self.sizes = net, method, rank, len(sizes), sizes
+        lo = sum(sizes[:rank])
+        self.modules = range(lo, lo + sizes[rank])
+        self.first, self.last = rank == 0, rank == len(sizes) - 1
+        a, b = net.bounds[self.modules[0]][0], net.bounds[self.modules[-1]][1]
+        parts = list(net.units[a:b]) + ([net.head] if self.last else []) + \
+            [p for k in self.modules if k < net.K - 1 for p in method.aux_parts(k)]
+        self.parts = parts
+        self.params = list({id(p): p for m in parts for p in m.parameters() if p.requires_grad}.values())
+        self.opt = torch.optim.SGD(self.params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.wd)
+        # MAN: the boundary module reads the next stage's first block after its backward (deferred, see above);
+        # and this stage sends its own first block back after every update if the previous stage reads it.
+        k_end = self.modules[-1]
+        self.foreign = [u for u in method.reads_after_backward(k_end) if u >= b] if not self.last else []
+        self.deferred = {k_end} if self.foreign else set()
+        self.pending = False
+        self.sends_back = not self.first and any(u >= a for u in method.reads_after_backward(lo - 1))
+        self.pending_sends, self.weight_send = [], None
+
+    def owned_state(self):
+        """This stage's entries of the net's and the method's state dicts (parameters and buffers)."""
+        mine = {id(t) for m in self.parts for t in list(m.parameters()) + list(m.buffers())}
+        return {f"{who}.{k}": v.detach().cpu() for who, mod in (("net", self.net), ("method", self.method))
+                for k, v in mod.state_dict(keep_vars=True).items() if id(v) in mine}
+
+    # -- messages: activations forward (tag 1), tracked-block weights backward (tag 2) -------------------------
+    def post_recv(self, B, dev, x_shape, h_shape, hand):
+        """Start receiving batch (x, y, h[, handoff flag, handoff]) of B samples from the previous stage."""
+        bufs = [torch.empty(B, *x_shape, device=dev), torch.empty(B, dtype=torch.long, device=dev),
+                torch.empty(B, *h_shape, device=dev)]
+        if hand:
+            bufs += [torch.empty(1, device=dev), torch.empty(B, *h_shape, device=dev)]
+        return bufs, [dist.irecv(t, self.rank - 1, tag=1) for t in bufs]
+
+    def send_on(self, tensors):
+        for w in self.pending_sends:                        # one batch in flight: the previous one has left
+            w.wait()
+        self.keep = [t.contiguous() for t in tensors]
+        self.pending_sends = [dist.isend(t, self.rank + 1, tag=1) for t in self.keep]
+
+    def send_back_weights(self):
+        if self.weight_send is not None:                   # (the previous copy has been received)
+            self.weight_send[0].wait()
+        unit = self.net.units[self.net.bounds[self.modules[0]][0]]
+        flat = torch._utils._flatten_dense_tensors([p.detach() for p in unit.parameters()])
+        self.weight_send = (dist.isend(flat, self.rank - 1, tag=2), flat)
+
+    def apply_deferred(self, use_local):
+        """The deferred after_backward of the boundary module, with the next stage's block weights as they were
+        after the previous update (use_local: this run's first batch, whose weights are still the local copy)."""
+        if not self.pending:
+            return
+        if not use_local:
+            for u in self.foreign:
+                ps = list(self.net.units[u].parameters())
+                flat = torch.empty(sum(p.numel() for p in ps), device=ps[0].device)
+                dist.recv(flat, self.rank + 1, tag=2)
+                with torch.no_grad():
+                    for p, v in zip(ps, torch._utils._unflatten_dense_tensors(flat, ps)):
+                        p.copy_(v)
+        for k in self.deferred:
+            self.method.after_backward(k)
+        self.pending = False
+
+
+def check_pipeline(args, net, chain, S):
+    why = None
+    if "mlaan" in chain:
+        why = "MLAAN's cascade backpropagates into the previous modules, across the stage boundary"
+    elif len([n for n in chain if METHODS[n].bases]) > 1:
+        why = f"add-on chains ({'+'.join(chain)}) are not supported; use one add-on on a plain base"
+    elif args.sync_bn:
+        why = "--sync-bn is for data parallelism; pipeline + data parallel is not supported"
+    elif args.amp == "fp16":
+        why = "fp16 loss scaling would differ per stage; use --amp bf16"
+    elif net.K < S:
+        why = f"{net.K} module(s) cannot fill {S} stages"
+    if why:
+        raise UserError(f"--pipeline: {why}")
+    if args.stages:
+        try:
+            sizes = [int(v) for v in args.stages.split(",")]
+        except ValueError:
+            sizes = []
+        if len(sizes) != S or sum(sizes) != net.K or min(sizes) < 1:
+            raise UserError(f"--stages {args.stages}: {S} positive module counts summing to {net.K} (one per process)")
+        return sizes
+    return None
+
+
+def run_pipeline(args, spec, net, method, device):
+    """--pipeline under torchrun: the epoch loop of one stage (rank 0 also loads data and prints)."""
+    rank, S = dist.get_rank(), dist.get_world_size()
+    sizes = check_pipeline(args, net, method.opts.chain, S)
+    dtype = {"bf16": torch.bfloat16}.get(args.amp)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    cost = "by hand (--stages)"
+    if sizes is None:   # rank 0 times the modules; every rank takes its partition
+        box = [balance(module_seconds(net, method, autocast, args.batch_size), S) if rank == 0 else None]
+        dist.broadcast_object_list(box, 0)
+        sizes, cost = box[0], "balanced by the measured time of each module with its aux net"
+    st = Stage(net, method, args, sizes, rank)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(args.seed)
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
+    bench = args.bench > 0
+    if st.first:
+        if bench:
+            train = synthetic_loader(spec, args.batch_size, device, gen, max(2, args.mem_iters) + args.bench)
+            test = None
+        else:
+            train, test = load_data(args, spec, device, gen)
+        info = [[train.global_batch(i) for i in range(len(train))], [] if test is None else
+                [test.global_batch(i) for i in range(len(test))], len(train.labels)]
+        info[0] = [b for b in info[0] if b >= 2]             # (train-mode BatchNorm needs two samples)
+    else:
+        train = test = info = None
+    box = [info]
+    dist.broadcast_object_list(box, 0)
+    train_sizes, test_sizes, n_train = box[0]
+    x_shape = net.input_shape
+    h_shape = net.unit_shapes[net.bounds[st.modules[0]][0] - 1] if not st.first else None
+    hand = method.hands_off
+    if not bench:
+        print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items() if k not in all_options()) + " " +
+              " ".join(f"{k}={v}" for k, v in vars(method.opts).items() if k not in CONTEXT and k != "chain") +
+              f" world_size={S} modules={net.K} stages={sizes} ({cost}) train_images={n_train}", flush=True)
+    start_epoch, best, history, t_done = 1, 0.0, [], 0
+    if args.resume:
+        ck = load_checkpoint(args)
+        if ck.get("stages") != sizes:
+            raise UserError(f"--resume {args.resume}: saved with stages {ck.get('stages')}, this run {sizes}")
+        net.load_state_dict(ck["net"])
+        method.load_state_dict(ck["method"])
+        st.opt.load_state_dict(ck["opt"][rank])
+        if st.first:
+            train.gen.set_state(ck["gen"])
+        torch.set_rng_state(ck["cpu_rng"])
+        start_epoch, best, history = ck["epoch"] + 1, ck["best"], ck["history"]
+        t_done = ck["batches"]
+        print(f"resumed from {args.resume} at epoch {ck['epoch']}", flush=True)
+    epochs = 1 if bench else args.epochs
+    total = t_done + len(train_sizes) * (epochs - start_epoch + 1)    # training batches this run will have done
+    if not bench:
+        print(f"{'ep':>4} {'lr':>7} {'loss':>7} {'train%':>6} {'test%':>6} {'best%':>6} {'img/s':>7} {'sec':>6}  "
+              f"per stage: img/s (busy) | act MiB", flush=True)
+    t_start, first_batch = time.time(), t_done
+    for epoch in range(start_epoch, epochs + 1):
+        lr = lr_at(epoch, args.lr, args.epochs, args.warmup_epochs, spec.schedule)
+        for g in st.opt.param_groups:
+            g["lr"] = lr
+        net.train()
+        method.train()
+        meter = ActivationMeter(st.params)
+        stats = torch.zeros(2 * len(st.modules), device=device)
+        busy, seen, timed_from = 0.0, 0, None
+        it = iter(train) if st.first else None
+        nxt = None if st.first else st.post_recv(train_sizes[0], device, x_shape, h_shape, hand)
+        t0 = time.time()
+        for i, B in enumerate(train_sizes):
+            if bench and i == max(2, args.mem_iters):        # --bench: time the steady state only
+                dist.barrier()
+                timed_from, busy = time.time(), 0.0
+            if st.first:
+                x, y = next(it)
+                h, handoff = x, None
+            else:
+                bufs, works = nxt
+                t_wait = time.time()
+                for w in works:
+                    w.wait()
+                busy -= time.time() - t_wait
+                x, y, h = bufs[:3]
+                handoff = bufs[4] if hand and bufs[3].item() else None
+                if i + 1 < len(train_sizes):                 # receive the next batch while computing this one
+                    nxt = st.post_recv(train_sizes[i + 1], device, x_shape, h_shape, hand)
+            t_b = time.time()
+            st.apply_deferred(use_local=t_done == first_batch + 1)
+            st.opt.zero_grad(set_to_none=True)
+            method.receive(handoff)
+            with meter if i < args.mem_iters else contextlib.nullcontext():
+                h, losses, correct = run_modules(net, method, Batch(x, y, mean, std), h, st.modules, scaler, autocast,
+                                                 deferred=st.deferred)
+            st.pending = bool(st.deferred)
+            if not st.last:
+                out = [x, y, h.float()]                      # (bf16 under autocast: sent as fp32, losslessly)
+                if hand:
+                    t = method.handoff()
+                    out += [torch.ones(1, device=device) if t is not None else torch.zeros(1, device=device),
+                            t.detach() if t is not None else torch.zeros_like(h)]
+                st.send_on(out)
+            st.opt.step()
+            t_done += 1
+            if st.sends_back and t_done < total:             # the previous stage's MAN EMA reads our first block
+                st.send_back_weights()
+            stats += torch.stack(losses + correct) * torch.tensor([B] * len(losses) + [1] * len(correct),
+                                                                    device=device)
+            seen += B
+            busy += time.time() - t_b
+        st.send_on([])                                       # (the last batch has left)
+        st.apply_deferred(use_local=t_done == first_batch + 1)   # the epoch's last deferred EMA update
+        # ---- every stage's numbers to every rank (this also waits for the last stage: the epoch's end), then
+        # evaluation through the stages and one row from rank 0
+        rows = [None] * S
+        dist.all_gather_object(rows, dict(stats=stats.tolist(), seen=seen, busy=busy, act=meter.peak))
+        secs = time.time() - (timed_from or t0)
+        if bench:
+            return pipeline_bench_result(args, spec, net, method, sizes, rows, secs, device, st)
+        test_acc = evaluate_pipeline(st, net, test, test_sizes, device, x_shape, h_shape, autocast)
+        best = max(best, test_acc)
+        flat_loss = [v for r in rows for v in r["stats"][:len(r["stats"]) // 2]]
+        flat_corr = [v for r in rows for v in r["stats"][len(r["stats"]) // 2:]]
+        loss, train_acc = flat_loss[-1] / seen, 100.0 * flat_corr[-1] / seen
+        check_finite(loss, epoch)
+        aux = [None if c < 0 else 100.0 * c / seen for c in flat_corr[:-1]]
+        row = dict(epoch=epoch, lr=lr, loss=loss, train_acc=train_acc, test_acc=test_acc, aux_acc=aux,
+                   img_s=seen / secs, sec=secs, stage_img_s=[seen / max(r["busy"], 1e-9) for r in rows],
+                   stage_act_peak_bytes=[r["act"] for r in rows])
+        history.append(row)
+        per = " ".join(f"{r:.0f}|{a / MiB:.1f}" for r, a in zip(row["stage_img_s"], row["stage_act_peak_bytes"]))
+        print(f"{epoch:>4} {lr:7.4f} {loss:7.4f} {train_acc:6.2f} {test_acc:6.2f} {best:6.2f} {seen / secs:7.0f} "
+              f"{secs:6.1f}  {per}", flush=True)
+        if args.save:
+            states = [None] * S
+            dist.all_gather_object(states, dict(state=st.owned_state(), opt=st.opt.state_dict()))
+            if st.first:
+                full = dict(net=net.state_dict(), method=method.state_dict())
+                for r in states:
+                    for key, v in r["state"].items():
+                        who, name = key.split(".", 1)
+                        full[who][name] = v
+                atomic_save(dict(full, opt=[r["opt"] for r in states], gen=train.gen.get_state(),
+                                 cpu_rng=torch.get_rng_state(), epoch=epoch, best=best, history=history,
+                                 batches=t_done, stages=sizes, args=vars(args)), args.save)
+    last = history[-1] if history else {}
+    result = dict(method=args.method, dataset=args.dataset, arch=args.arch, K=args.K, modules=net.K, seed=args.seed,
+                  epochs=args.epochs, base=args.base, batch_size=args.batch_size, lr=args.lr, device=str(device),
+                  world_size=S, pipeline=True, stages=sizes, final_acc=last.get("test_acc"), best_acc=best,
+                  module_acc=last.get("aux_acc"), train_img_s=last.get("img_s"),
+                  stage_img_s=last.get("stage_img_s"), stage_act_peak_bytes=last.get("stage_act_peak_bytes"),
+                  summary=method.summary(), wall_s=time.time() - t_start,
+                  history=[{k: h[k] for k in ("epoch", "loss", "train_acc", "test_acc")} for h in history])
+    emit(result, args.out if st.first else None)
+    return result
+
+
+@torch.no_grad()
+def evaluate_pipeline(st, net, loader, sizes, device, x_shape, h_shape, autocast):
+    """Test accuracy through the stages: rank 0 feeds the test batches, the last stage counts."""
+    net.eval()
+    correct = torch.zeros((), device=device)
+    it = iter(loader) if st.first else None
+    for B in sizes:
+        if st.first:
+            x, y = next(it)
+            h = x
+        else:
+            y, h = torch.empty(B, dtype=torch.long, device=device), torch.empty(B, *h_shape, device=device)
+            dist.recv(y, st.rank - 1, tag=3)
+            dist.recv(h, st.rank - 1, tag=3)
+        with autocast:
+            for k in st.modules:
+                h = net.run(h, k)
+            if st.last:
+                correct += (net.head(h).argmax(1) == y).sum()
+        if not st.last:
+            dist.send(y, st.rank + 1, tag=3)
+            dist.send(h.float().contiguous(), st.rank + 1, tag=3)
+    dist.broadcast(correct, st.S - 1)
+    return 100.0 * correct.item() / max(sum(sizes), 1)
+
+
+def pipeline_bench_result(args, spec, net, method, sizes, rows, secs, device, st):
+    """--bench --pipeline: img/s of the whole pipeline (the timed batches through the last stage) and of each
+    stage when busy (its compute alone, waits excluded), activation peak per stage."""
+    n = args.bench * args.batch_size
+    result = dict(bench=True, pipeline=True, method=args.method, base=args.base, arch=args.arch, K=args.K,
+                  modules=net.K, stages=sizes, batch=args.batch_size, dataset=args.dataset, image_size=spec.size,
+                  device=str(device), world_size=len(sizes), threads=torch.get_num_threads(), iters=args.bench,
+                  img_s=n / secs, stage_img_s=[n / max(r["busy"], 1e-9) for r in rows],
+                  stage_act_peak_mib=[round(r["act"] / MiB, 2) for r in rows], summary=method.summary())
+    emit(result, args.out if st.first else None)
+    return result
 
 
 # =============================================================================================================

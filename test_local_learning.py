@@ -1285,3 +1285,123 @@ def test_distributed_bad_launches_are_one_line():
     assert r.returncode == 2 and r.stderr.strip().startswith("error: --sync-bn needs several processes")
     r = cli("--pipeline", "--print-splits")
     assert r.returncode == 2 and "torchrun" in r.stderr and "\n" not in r.stderr.strip()
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+
+PIPE_METHODS = {"greedy": ("--method", "greedy"), "dgl": ("--method", "dgl"), "predsim": ("--method", "predsim"),
+                "infopro": ("--method", "infopro"), "auglocal": ("--method", "auglocal", "--aux-depth", "1"),
+                "sgr": ("--method", "sgr", "--base", "dgl"), "man": ("--method", "man", "--base", "dgl")}
+
+
+def _pipe_worker(rank, world, port, jobs):
+    """Every job's L.main in one gloo group of `world` stages (one thread each)."""
+    import torch.distributed as dist
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        for argv in jobs:
+            L.main(argv)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.stdout = sys.__stdout__
+
+
+def _sequential(argv):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                          # the stages' arithmetic: bit-identical results
+    try:
+        return L.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pipe_args(cifar_dir, name, ck, *extra):
+    return train_args(cifar_dir, *PIPE_METHODS[name], "--K", "8", "--epochs", "2", "--warmup-epochs", "1",
+                      "--save", ck, *extra)
+
+
+@pytest.mark.parametrize("S, stages", [(2, None), (3, "2,3,3")])
+def test_pipeline_equals_sequential_bit_for_bit(cifar_dir, tmp_path, S, stages):
+    """2 epochs of 2 batches through S gloo stages: every parameter and BatchNorm buffer of the backbone and of
+    every aux net (MAN's EMA copies included) equals the single-process run's, bit for bit."""
+    import torch.multiprocessing as mp
+    extra = ("--pipeline",) + (("--stages", stages) if stages else ())
+    jobs = [_pipe_args(cifar_dir, n, str(tmp_path / f"{n}_pipe.pt"), *extra) for n in PIPE_METHODS]
+    mp.spawn(_pipe_worker, args=(S, _free_port(), jobs), nprocs=S, join=True)
+    for n in PIPE_METHODS:
+        seq = _sequential(_pipe_args(cifar_dir, n, str(tmp_path / f"{n}_seq.pt")))
+        a = torch.load(tmp_path / f"{n}_seq.pt", weights_only=False)
+        b = torch.load(tmp_path / f"{n}_pipe.pt", weights_only=False)
+        assert b["stages"] == ([2, 3, 3] if stages else b["stages"]) and len(b["stages"]) == S
+        for who in ("net", "method"):
+            assert a[who].keys() == b[who].keys()
+            for k in a[who]:
+                assert torch.equal(a[who][k], b[who][k]), (n, S, who, k)
+        assert [h["test_acc"] for h in a["history"]] == [h["test_acc"] for h in b["history"]] == \
+            [h["test_acc"] for h in seq["history"]], n
+        assert [h["loss"] for h in a["history"]] == pytest.approx([h["loss"] for h in b["history"]], rel=1e-6), n
+
+
+def _pipe_crash_worker(rank, world, port, argv, crash_at_eval):
+    """Like _pipe_worker, interrupted (on every stage) at evaluation number `crash_at_eval` (None: not at all)."""
+    real, calls = L.evaluate_pipeline, []
+
+    def crash(*a, **k):
+        calls.append(1)
+        if len(calls) == crash_at_eval:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    L.evaluate_pipeline = crash
+    try:
+        _pipe_worker(rank, world, port, [argv])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        L.evaluate_pipeline = real
+
+
+def test_pipeline_resume_equals_uninterrupted(cifar_dir, tmp_path):
+    import torch.multiprocessing as mp
+    run = lambda argv, crash: mp.spawn(_pipe_crash_worker, args=(2, _free_port(), argv, crash), nprocs=2)
+    argv = lambda ck, *x: train_args(cifar_dir, "--method", "man", "--base", "dgl", "--K", "8", "--epochs", "3",
+                                     "--warmup-epochs", "1", "--pipeline", "--stages", "3,5", "--save", ck, *x)
+    a, b = str(tmp_path / "a.pt"), str(tmp_path / "b.pt")
+    run(argv(a), None)
+    run(argv(b), 2)                                       # stopped in epoch 2: the checkpoint holds epoch 1
+    assert torch.load(b, weights_only=False)["epoch"] == 1
+    run(argv(b, "--resume", b), None)
+    ca, cb = torch.load(a, weights_only=False), torch.load(b, weights_only=False)
+    keep = lambda h: [(r["epoch"], r["loss"], r["train_acc"], r["test_acc"], r["aux_acc"]) for r in h]
+    assert keep(ca["history"]) == keep(cb["history"]) and ca["epoch"] == cb["epoch"] == 3
+    for who in ("net", "method"):
+        assert all(torch.equal(ca[who][k], cb[who][k]) for k in ca[who])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--method", "mlaan"), "MLAAN's cascade backpropagates"), (("--method", "sgr", "--base", "man+dgl"), "chains"),
+    (("--method", "bp"), "cannot fill"), (("--method", "dgl", "--amp", "fp16"), "fp16"),
+    (("--method", "dgl", "--sync-bn"), "data parallel"), (("--method", "dgl", "--stages", "4,4"), "--stages 4,4"),
+    (("--method", "dgl", "--stages", "1,x"), "--stages 1,x")])
+def test_pipeline_refuses_what_it_does_not_support(argv, message):
+    args = L.parse_args(list(argv) + ["--pipeline"])
+    L.resolve_config(args)
+    net, m = L.build(args, L.DATASETS["cifar10"])
+    with pytest.raises(L.UserError, match=message):
+        L.check_pipeline(args, net, m.opts.chain, 3)
+
+
+def test_pipeline_refusal_is_one_line_under_torchrun(cifar_dir):
+    r = _torchrun(*train_args(cifar_dir, "--method", "mlaan", "--pipeline"))
+    assert r.returncode != 0 and "error: --pipeline: MLAAN's cascade backpropagates" in r.stderr
+    assert r.stderr.count("error: --pipeline") == 1
+
+
+def test_balance_minimises_the_largest_stage():
+    assert L.balance([1, 1, 1, 1], 2) == [2, 2]
+    assert L.balance([5, 1, 1, 1, 1, 1], 2) == [1, 5]
+    assert L.balance([1, 2, 3, 4, 5, 6], 3) == [3, 2, 1]                 # 6 | 9 | 6
+    assert sum(L.balance(list(range(1, 56)), 4)) == 55
