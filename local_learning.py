@@ -759,12 +759,14 @@ class LocalNet(nn.Module):
     unit index at which each module ends (or is an int K: an even split). One dry run on `example_input` (a batch
     of inputs of the right shape; its values do not matter) records every unit's output shape: aux nets are
     sized from it. `arch` names one of our ResNets (unit names, MLAAN's leap tables, AugLocal's block factory);
-    None for any other backbone. `run(h, k)` runs module k only."""
+    None for any other backbone. `block` (optional) is a residual-block factory block(cin, planes, stride) with
+    an `expansion` attribute, e.g. BasicBlock for a torchvision ResNet-18: AugLocal then rebuilds the later
+    units it imitates at the widths it needs instead of deep-copying them. `run(h, k)` runs module k only."""
 
-    def __init__(self, units, head, ends, example_input, arch=None):
+    def __init__(self, units, head, ends, example_input, arch=None, block=None):
         super().__init__()
         self.arch, self.units, self.head = arch, nn.ModuleList(units), head
-        self.block = ARCHS[arch][1] if arch in ARCHS else None   # AugLocal builds its aux nets from this factory
+        self.block = ARCHS[arch][1] if arch in ARCHS else block   # AugLocal builds its aux nets from this factory
         self.input_shape = tuple(example_input.shape[1:])
         x = example_input
         self.image_size = x.shape[-1] if x.dim() == 4 and x.shape[-1] == x.shape[-2] else None
@@ -1985,6 +1987,12 @@ def sgr_distance(a, b, kind):
     return sq.mean() if kind == "sq_l2" else (sq + 1e-12).sqrt().mean()
 
 
+def double_differentiable():
+    """Scaled-dot-product attention on its math kernel, the one with a double backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def sgr_term(loss, h_in, target, kind):
     """D(dL/dh_in, target) with the input gradient kept differentiable (double backward), so that D trains the
     module (backbone and aux net) that produced `loss`; `target` is a constant."""
@@ -2018,6 +2026,20 @@ class SGR(AddOn):
 
     def needs_input_grad(self, k):
         return k > 0 and self.target is not None
+
+    # The double backward needs every op of the module and its aux net to be twice differentiable: attention
+    # runs on PyTorch's math kernel here (the fused CPU/GPU kernels have no double backward).
+    def run_module(self, net, k, h_in):
+        with double_differentiable():
+            return self.base.run_module(net, k, h_in)
+
+    def local_loss(self, k, z, batch):
+        with double_differentiable():
+            return self.base.local_loss(k, z, batch)
+
+    def final_loss(self, k, h, batch, net):
+        with double_differentiable():
+            return self.base.final_loss(k, h, batch, net)
 
     @classmethod
     def check(cls, net, opts):
@@ -2248,9 +2270,11 @@ def lr_at(epoch, lr0, epochs, warmup, schedule="cifar"):
     return c
 
 
-def forward_backward(net, method, batch, scaler, autocast, on_module_done=None):
-    """One iteration's forward and backward passes, module by module. Returns on-device stats
-    [final loss, final correct, local loss_0..K-2, local correct_0..K-2] (correct = -1 where a loss has no logits).
+def forward_backward(net, method, batch, scaler=None, autocast=None, on_module_done=None):
+    """One iteration's forward and backward passes, module by module (the caller zeroes the gradients before and
+    steps the optimizer after). Returns on-device stats [final loss, final correct, local loss_0..K-2, local
+    correct_0..K-2] (correct = -1 where a loss has no logits). `scaler` (a GradScaler, for fp16) and `autocast`
+    (a torch.autocast context) are optional.
 
     For k < K-1: h = f_k(sg(h)) -> L_k = local loss -> backward -> (hook) -> detach. The graph of module k is freed
     by its backward before module k+1's forward: that is where the memory saving comes from. Summing the local
@@ -2264,6 +2288,8 @@ def run_modules(net, method, batch, h, modules, scaler, autocast, on_module_done
     last module's output (detached) and each module's loss and correct count (on the device). A module in
     `deferred` gets its after_backward hook later, from the caller (a pipeline stage waiting for weights)."""
     K, y = net.K, batch.y
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
+    autocast = autocast or contextlib.nullcontext()
     losses, correct = [], []
     for k in modules:
         h_in = h.detach()

@@ -1405,3 +1405,118 @@ def test_balance_minimises_the_largest_stage():
     assert L.balance([5, 1, 1, 1, 1, 1], 2) == [1, 5]
     assert L.balance([1, 2, 3, 4, 5, 6], 3) == [3, 2, 1]                 # 6 | 9 | 6
     assert sum(L.balance(list(range(1, 56)), 4)) == 55
+
+
+# ------------------------------------------------------------------------------------------------ Python API
+
+def readme_snippet():
+    text = open(os.path.join(HERE, "README.md")).read()
+    section = text.split("## Use it in your project", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_api_snippet_runs_as_written(tmp_path):
+    code = readme_snippet()
+    assert 15 <= len(code.strip().splitlines()) <= 25
+    (tmp_path / "snippet.py").write_text(code)
+    r = subprocess.run([sys.executable, str(tmp_path / "snippet.py")], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=HERE))
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("step  0") and lines[-1].startswith("activation peak")
+
+
+def torchvision_resnet18(K, size=32, block=None):
+    import torchvision
+    tv = torchvision.models.resnet18(num_classes=10)
+    units = [nn.Sequential(tv.conv1, tv.bn1, tv.relu, tv.maxpool), *tv.layer1, *tv.layer2, *tv.layer3, *tv.layer4]
+    return L.LocalNet(units, nn.Sequential(tv.avgpool, nn.Flatten(), tv.fc), K, torch.zeros(1, 3, size, size),
+                      block=block)
+
+
+class TokenHead(nn.Module):
+    def __init__(self, d, classes):
+        super().__init__()
+        self.fc = nn.Linear(d, classes)
+
+    def forward(self, h):
+        return self.fc(h.mean(1))
+
+
+def tiny_transformer(K, d=32, tokens=64, layers=6):
+    torch.manual_seed(0)
+    units = [nn.Linear(8, d)] + [nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, batch_first=True)
+                                 for _ in range(layers)]
+    return L.LocalNet(units, TokenHead(d, 10), K, torch.zeros(1, tokens, 8))
+
+
+def _check_local_learning(make, x, y, method, base=None, steps=6, memory=True, **opts):
+    """Gradient isolation (later losses never touch module k), activation peak below BP's (`memory`), and a few
+    SGD steps on one batch lower the summed losses."""
+    torch.manual_seed(0)
+    net = make()
+    m = L.attach(net, method, base=base, **opts)
+    params = [*net.parameters(), *m.parameters()]
+    snap = {}
+    module_params = lambda k: [p for u in net.units[slice(*net.bounds[k])] for p in u.parameters()]
+    with L.ActivationMeter(params) as meter:
+        L.forward_backward(net, m, L.Batch(x, y), on_module_done=lambda k: snap.__setitem__(
+            k, [p.grad.clone() for j in range(k + 1) for p in module_params(j)]))
+    final = [p.grad for j in range(net.K) for p in module_params(j)]
+    assert all(torch.equal(a, b) for k in snap for a, b in zip(snap[k], final))    # nothing changes after module k
+    bp_net = make()
+    bp_net.set_split([len(bp_net.units) - 1])
+    bp = L.attach(bp_net, "bp")
+    with L.ActivationMeter([*bp_net.parameters()]) as bp_meter:
+        L.forward_backward(bp_net, bp, L.Batch(x, y))
+    assert meter.peak < bp_meter.peak or not memory, (meter.peak, bp_meter.peak)
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        s = L.forward_backward(net, m, L.Batch(x, y))
+        losses.append(float(s[0] + s[2:net.K + 1].sum()))
+        opt.step()
+    assert losses[-1] < losses[0], losses
+    return net, m
+
+
+@pytest.mark.parametrize("method, base", [("greedy", None), ("dgl", None), ("sgr", "dgl"), ("man", "dgl"),
+                                          ("infopro", None), ("auglocal", None)])
+def test_api_on_torchvision_resnet18(method, base):
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    opts = dict(aux_depth=2) if method == "auglocal" else dict(local_loss="cross_entropy") if method == "infopro" else {}
+    block = L.BasicBlock if method == "auglocal" else None     # AugLocal rebuilds the later blocks at its widths
+    # (InfoPro's full-resolution decoder and AugLocal's copied blocks outweigh this small net's own activations)
+    net, m = _check_local_learning(lambda: torchvision_resnet18(4, block=block), x, y, method, base,
+                                   memory=method in ("greedy", "dgl", "sgr"), **opts)
+    assert net.K == 4 and net.arch is None
+
+
+@pytest.mark.parametrize("method, base", [("greedy", None), ("dgl", None), ("sgr", "dgl"), ("sgr", "greedy"),
+                                          ("auglocal", None), ("man", "dgl")])
+def test_api_on_token_transformer(method, base):
+    x, y = torch.randn(16, 64, 8), torch.arange(16) % 10
+    opts = dict(aux_depth=1) if method == "auglocal" else {}        # (deep copies: a transformer's shapes chain)
+    # (SGR's double backward runs attention on the math kernel, heavier than BP's fused one: one layer per module)
+    net, m = _check_local_learning(lambda: tiny_transformer(7), x, y, method, base,
+                                   memory=method in ("greedy", "dgl", "sgr"), **opts)
+    assert net.unit_shapes[-1] == (64, 32) and net.ends == list(range(1 if method == "man" else 0, 7))
+
+
+def test_api_errors_for_unsupported_backbones():
+    with pytest.raises(L.UserError, match="reconstructs the input image"):
+        L.attach(tiny_transformer(3), "infopro")
+    with pytest.raises(L.UserError, match="image-shaped features"):
+        L.attach(tiny_transformer(3), "predsim")
+    with pytest.raises(L.UserError, match="leap tables"):
+        L.attach(torchvision_resnet18(8), "mlaan", base="greedy")
+    with pytest.raises(L.UserError, match="do not chain"):
+        L.attach(torchvision_resnet18(8), "auglocal", aux_depth=3)          # copies of layer2[1] after layer1
+    with pytest.raises(L.UserError, match="does not apply"):
+        L.attach(torchvision_resnet18(4), "dgl", ema_decay=0.9)
+    with pytest.raises(L.UserError, match="impossible"):
+        L.LocalNet([nn.Identity()] * 3, nn.Identity(), 5, torch.zeros(1, 4))
+    net = tiny_transformer(3)
+    m = L.attach(net, "man", base="dgl")                                    # MAN copies the next unit: any backbone
+    assert isinstance(m.ema[0], nn.TransformerEncoderLayer) and net.ends == [1, 3, 6]      # 7 units in 3 modules
