@@ -140,6 +140,9 @@ def build_parser():
     a("--stages", default=None, metavar="N1,N2,...",
       help="--pipeline: modules per stage (default: balanced by the measured time of each module and its aux net)")
     a("--sync-bn", action="store_true", help="data parallel on CUDA: SyncBatchNorm (batch statistics over all ranks)")
+    a("--compile", nargs="?", const="default", default=None, choices=["default", "max-autotune", "reduce-overhead"],
+      help="torch.compile each module's step (module + aux net + local loss); modes: default, max-autotune, "
+           "reduce-overhead (CUDA graphs, CUDA only). Off by default: on the CPUs measured it is slower than eager")
     a("--bench", type=int, default=0,
       help="benchmark: N timed training iterations on synthetic data of the dataset's shape, one JSON line, exit")
     a("--save", default=None, help="checkpoint path, written atomically after every epoch")
@@ -522,9 +525,9 @@ class HostLoader:
             yield x, y.to(self.device, non_blocking=True)
 
 
-def load_data(args, spec, device, gen, rank=0, world=1):
-    """Return (train_loader, test_loader) for the resolved config (this rank's part of every batch)."""
-    cl = device.type == "cuda"
+def load_data(args, spec, device, gen, rank=0, world=1, cl=False):
+    """Return (train_loader, test_loader) for the resolved config (this rank's part of every batch); `cl`: batches
+    in channels_last memory format."""
     if spec.large:
         root = args.data_dir
         train, val = _image_folders(root)
@@ -553,15 +556,15 @@ def load_data(args, spec, device, gen, rank=0, world=1):
             DeviceLoader(t(xte), t(yte), spec, args.batch_size, False, False, gen, cl, rank, world))
 
 
-def synthetic_loader(spec, batch_size, device, gen, n_batches, rank=0, world=1):
+def synthetic_loader(spec, batch_size, device, gen, n_batches, rank=0, world=1, cl=False):
     """--bench: random uint8 images of the dataset's shape, augmented exactly like real ones."""
     n = batch_size * n_batches
     g = torch.Generator(device=device)
     g.manual_seed(0)
     x = torch.randint(0, 256, (n, 3, spec.size, spec.size), dtype=torch.uint8, device=device, generator=g)
     y = torch.randint(0, spec.classes, (n,), device=device, generator=g)
-    return DeviceLoader(x, y, replace(spec, large=False, pad=spec.pad or 4), batch_size, True, True, gen,
-                        device.type == "cuda", rank, world)
+    return DeviceLoader(x, y, replace(spec, large=False, pad=spec.pad or 4), batch_size, True, True, gen, cl, rank,
+                        world)
 
 
 # =============================================================================================================
@@ -2258,6 +2261,45 @@ MiB = 2 ** 20
 # 7. Training step
 # =============================================================================================================
 
+def make_sgd(params, lr, wd):
+    """SGD with Nesterov momentum 0.9 and weight decay on every parameter (the originals' optimizer). The fused
+    implementation where this PyTorch has one for the device -- one kernel for all parameters instead of a loop
+    over them, measured faster (README, Results) -- else foreach."""
+    kw = dict(lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    try:
+        return torch.optim.SGD(params, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.SGD(params, foreach=True, **kw)
+
+
+def use_channels_last(device, chain):
+    """NHWC memory format for the convolutions: faster on CUDA and, measured, on CPU (oneDNN kernels), except
+    for SGR's double backward on CPU, which is slower in it."""
+    return device.type == "cuda" or (device.type == "cpu" and "sgr" not in chain)
+
+
+def compile_modules(net, method, mode, device, backend="inductor"):
+    """--compile: torch.compile of module_forward for each module -- the module, its aux net and its local loss in
+    one graph, so that the backward through them is compiled too. Per module (not the whole step) because the
+    step's loop, hooks and per-module backward calls are Python between the graphs; modules of the same shape
+    share compiled code through the FX graph cache. Returns {k: callable}, or None (eager, with a printed line)
+    where it cannot apply: SGR's double backward. The activation meter's iterations (--mem-iters) run eager."""
+    why = {"sgr": "SGR's double backward", "mlaan": "MLAAN's cascade, which re-runs earlier modules from state kept "
+           "between module steps,"}
+    eager = [n for n in method.opts.chain if n in why]
+    if eager:
+        print(f"--compile: {why[eager[0]]} cannot run compiled; this run is eager", flush=True)
+        return None
+    if mode == "reduce-overhead" and device.type != "cuda":
+        raise UserError("--compile reduce-overhead uses CUDA graphs: CUDA only (use --compile default)")
+    import functools
+    cfg = torch._dynamo.config
+    cfg.cache_size_limit = max(cfg.cache_size_limit, 4 * net.K)   # one cache entry per module (and batch shape)
+    mode = None if mode == "default" else mode
+    return {k: torch.compile(functools.partial(module_forward, net, method, k), mode=mode, backend=backend)
+            for k in range(net.K)}
+
+
 def lr_at(epoch, lr0, epochs, warmup, schedule="cifar"):
     """Per-epoch cosine with linear warm-up, lr constant within an epoch (epoch = 1..E).
     CIFAR codes (`--cos_lr`): c_e = lr0/2 (1 + cos(pi e / E)); for e <= W, lr_e = c_e (e-1)/W + 0.01 (W+1-e)/W.
@@ -2270,7 +2312,7 @@ def lr_at(epoch, lr0, epochs, warmup, schedule="cifar"):
     return c
 
 
-def forward_backward(net, method, batch, scaler=None, autocast=None, on_module_done=None):
+def forward_backward(net, method, batch, scaler=None, autocast=None, on_module_done=None, compiled=None):
     """One iteration's forward and backward passes, module by module (the caller zeroes the gradients before and
     steps the optimizer after). Returns on-device stats [final loss, final correct, local loss_0..K-2, local
     correct_0..K-2] (correct = -1 where a loss has no logits). `scaler` (a GradScaler, for fp16) and `autocast`
@@ -2279,14 +2321,27 @@ def forward_backward(net, method, batch, scaler=None, autocast=None, on_module_d
     For k < K-1: h = f_k(sg(h)) -> L_k = local loss -> backward -> (hook) -> detach. The graph of module k is freed
     by its backward before module k+1's forward: that is where the memory saving comes from. Summing the local
     losses and calling backward once would keep every module's activations alive at the same time."""
-    _, losses, correct = run_modules(net, method, batch, batch.x, range(net.K), scaler, autocast, on_module_done)
+    _, losses, correct = run_modules(net, method, batch, batch.x, range(net.K), scaler, autocast, on_module_done,
+                                     compiled=compiled)
     return torch.stack([losses[-1], correct[-1]] + losses[:-1] + correct[:-1])
 
 
-def run_modules(net, method, batch, h, modules, scaler, autocast, on_module_done=None, deferred=()):
+def module_forward(net, method, k, h_in, batch):
+    """Module k's forward and its loss: the local loss through its aux net, or the network's own head."""
+    with torch.set_grad_enabled(method.module_needs_graph(k)):
+        h = method.run_module(net, k, h_in)
+    if k < net.K - 1:
+        loss, logits = method.local_loss(k, method.aux_input(k, h), batch)
+    else:
+        loss, logits = method.final_loss(k, h, batch, net)
+    return h, loss, logits
+
+
+def run_modules(net, method, batch, h, modules, scaler, autocast, on_module_done=None, deferred=(), compiled=None):
     """Forward -> loss -> backward of `modules` (consecutive indices), starting from their input h. Returns the
     last module's output (detached) and each module's loss and correct count (on the device). A module in
-    `deferred` gets its after_backward hook later, from the caller (a pipeline stage waiting for weights)."""
+    `deferred` gets its after_backward hook later, from the caller (a pipeline stage waiting for weights).
+    `compiled` maps module indices to compiled versions of module_forward (--compile)."""
     K, y = net.K, batch.y
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     autocast = autocast or contextlib.nullcontext()
@@ -2297,12 +2352,10 @@ def run_modules(net, method, batch, h, modules, scaler, autocast, on_module_done
             h_in.requires_grad_(True)
         method.start_module(k, h_in)
         with autocast:
-            with torch.set_grad_enabled(method.module_needs_graph(k)):
-                h = method.run_module(net, k, h_in)
-            if k < K - 1:
-                loss, logits = method.local_loss(k, method.aux_input(k, h), batch)
+            if compiled:
+                h, loss, logits = compiled[k](h_in, batch)
             else:
-                loss, logits = method.final_loss(k, h, batch, net)
+                h, loss, logits = module_forward(net, method, k, h_in, batch)
         method.backward(k, loss, h_in, h, scaler)
         # What the originals backpropagate as 0 * loss (a term, or a whole local loss, whose weight is 0) still
         # gets a zero gradient here, without the work: weight decay and momentum keep moving those parameters.
@@ -2321,15 +2374,17 @@ def run_modules(net, method, batch, h, modules, scaler, autocast, on_module_done
     return h.detach(), losses, correct
 
 
-def train_step(net, method, opt, batch, scaler, autocast, meter=None, sync=None, weight=1.0):
+def train_step(net, method, opt, batch, scaler=None, autocast=None, meter=None, sync=None, weight=1.0, compiled=None):
     """One iteration: forward_backward (under the activation meter if given), then one SGD step for every module
     and aux net. `sync` averages gradients over data-parallel ranks (section 9); `weight` = this rank's share
-    of the global batch."""
+    of the global batch. Metered iterations run eager (the meter's hooks count what eager autograd saves)."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
     opt.zero_grad(set_to_none=True)
     if sync is not None:
         sync.start(weight)
     with meter if meter is not None else contextlib.nullcontext():
-        s = forward_backward(net, method, batch, scaler, autocast, sync.module_done if sync is not None else None)
+        s = forward_backward(net, method, batch, scaler, autocast, sync.module_done if sync is not None else None,
+                             compiled if meter is None else None)
     if sync is not None:
         sync.finish()
     scaler.step(opt)
@@ -2338,7 +2393,7 @@ def train_step(net, method, opt, batch, scaler, autocast, meter=None, sync=None,
 
 
 def train_epoch(net, method, opt, loader, scaler, autocast, spec_t, params, mem_iters, log_secs, epoch, epochs,
-                sync=None):
+                sync=None, compiled=None):
     """One epoch. Host syncs happen only at progress lines and at the end (stats are summed on the device)."""
     net.train()
     method.train()
@@ -2348,7 +2403,7 @@ def train_epoch(net, method, opt, loader, scaler, autocast, spec_t, params, mem_
     n_iters = len(loader)
     for it, (x, y) in enumerate(loader):
         s = train_step(net, method, opt, Batch(x, y, mean, std), scaler, autocast, meter if it < mem_iters else None,
-                       sync, len(y) / loader.global_batch(it))
+                       sync, len(y) / loader.global_batch(it), compiled)
         s = torch.cat([s[:1] * len(y), s[1:2], s[2:]])
         stats = s if stats is None else stats + s
         seen += len(y)
@@ -2591,7 +2646,7 @@ class Stage:
             [p for k in self.modules if k < net.K - 1 for p in method.aux_parts(k)]
         self.parts = parts
         self.params = list({id(p): p for m in parts for p in m.parameters() if p.requires_grad}.values())
-        self.opt = torch.optim.SGD(self.params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.wd)
+        self.opt = make_sgd(self.params, args.lr, args.wd)
         # MAN: the boundary module reads the next stage's first block after its backward (deferred, see above);
         # and this stage sends its own first block back after every update if the previous stage reads it.
         k_end = self.modules[-1]
@@ -2672,7 +2727,7 @@ def check_pipeline(args, net, chain, S):
     return None
 
 
-def run_pipeline(args, spec, net, method, device):
+def run_pipeline(args, spec, net, method, device, channels_last=False):
     """--pipeline under torchrun: the epoch loop of one stage (rank 0 also loads data and prints)."""
     rank, S = dist.get_rank(), dist.get_world_size()
     sizes = check_pipeline(args, net, method.opts.chain, S)
@@ -2685,16 +2740,18 @@ def run_pipeline(args, spec, net, method, device):
         dist.broadcast_object_list(box, 0)
         sizes, cost = box[0], "balanced by the measured time of each module with its aux net"
     st = Stage(net, method, args, sizes, rank)
+    compiled = compile_modules(net, method, args.compile, device) if args.compile else None
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed)
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
     bench = args.bench > 0
     if st.first:
         if bench:
-            train = synthetic_loader(spec, args.batch_size, device, gen, max(2, args.mem_iters) + args.bench)
+            train = synthetic_loader(spec, args.batch_size, device, gen, max(2, args.mem_iters) + args.bench,
+                                     cl=channels_last)
             test = None
         else:
-            train, test = load_data(args, spec, device, gen)
+            train, test = load_data(args, spec, device, gen, cl=channels_last)
         info = [[train.global_batch(i) for i in range(len(train))], [] if test is None else
                 [test.global_batch(i) for i in range(len(test))], len(train.labels)]
         info[0] = [b for b in info[0] if b >= 2]             # (train-mode BatchNorm needs two samples)
@@ -2755,7 +2812,8 @@ def run_pipeline(args, spec, net, method, device):
                 for w in works:
                     w.wait()
                 busy -= time.time() - t_wait
-                x, y, h = bufs[:3]
+                x, y, h = (t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+                           for t in bufs[:3])                # (the layout the sequential run computes in)
                 handoff = bufs[4] if hand and bufs[3].item() else None
                 if i + 1 < len(train_sizes):                 # receive the next batch while computing this one
                     nxt = st.post_recv(train_sizes[i + 1], device, x_shape, h_shape, hand)
@@ -2765,7 +2823,7 @@ def run_pipeline(args, spec, net, method, device):
             method.receive(handoff)
             with meter if i < args.mem_iters else contextlib.nullcontext():
                 h, losses, correct = run_modules(net, method, Batch(x, y, mean, std), h, st.modules, scaler, autocast,
-                                                 deferred=st.deferred)
+                                                 deferred=st.deferred, compiled=compiled if i >= args.mem_iters else None)
             st.pending = bool(st.deferred)
             if not st.last:
                 out = [x, y, h.float()]                      # (bf16 under autocast: sent as fp32, losslessly)
@@ -2791,7 +2849,7 @@ def run_pipeline(args, spec, net, method, device):
         secs = time.time() - (timed_from or t0)
         if bench:
             return pipeline_bench_result(args, spec, net, method, sizes, rows, secs, device, st)
-        test_acc = evaluate_pipeline(st, net, test, test_sizes, device, x_shape, h_shape, autocast)
+        test_acc = evaluate_pipeline(st, net, test, test_sizes, device, x_shape, h_shape, autocast, channels_last)
         best = max(best, test_acc)
         flat_loss = [v for r in rows for v in r["stats"][:len(r["stats"]) // 2]]
         flat_corr = [v for r in rows for v in r["stats"][len(r["stats"]) // 2:]]
@@ -2830,7 +2888,7 @@ def run_pipeline(args, spec, net, method, device):
 
 
 @torch.no_grad()
-def evaluate_pipeline(st, net, loader, sizes, device, x_shape, h_shape, autocast):
+def evaluate_pipeline(st, net, loader, sizes, device, x_shape, h_shape, autocast, channels_last=False):
     """Test accuracy through the stages: rank 0 feeds the test batches, the last stage counts."""
     net.eval()
     correct = torch.zeros((), device=device)
@@ -2843,6 +2901,8 @@ def evaluate_pipeline(st, net, loader, sizes, device, x_shape, h_shape, autocast
             y, h = torch.empty(B, dtype=torch.long, device=device), torch.empty(B, *h_shape, device=device)
             dist.recv(y, st.rank - 1, tag=3)
             dist.recv(h, st.rank - 1, tag=3)
+            if channels_last and h.dim() == 4:
+                h = h.contiguous(memory_format=torch.channels_last)
         with autocast:
             for k in st.modules:
                 h = net.run(h, k)
@@ -2955,17 +3015,19 @@ def run(args):
         torch.backends.cudnn.benchmark = True  # the originals' setting (and what their memory numbers assume)
     net.to(device)
     method.to(device)
-    if device.type == "cuda":
+    channels_last = use_channels_last(device, method.opts.chain)
+    if channels_last:
         net.to(memory_format=torch.channels_last)
         method.to(memory_format=torch.channels_last)
     if args.pipeline:
-        return run_pipeline(args, spec, net, method, device)
+        return run_pipeline(args, spec, net, method, device, channels_last)
     if ddp is not None:
         ddp.prepare(net, method, args.sync_bn)
     rank, world = (ddp.rank, ddp.world) if ddp is not None else (0, 1)
+    compiled = compile_modules(net, method, args.compile, device) if args.compile else None
     params = list(net.parameters()) + list(method.parameters())
     sync = GradAverager(params, world) if ddp is not None else None
-    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.wd)
+    opt = make_sgd(params, args.lr, args.wd)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -2974,10 +3036,11 @@ def run(args):
     spec_t = (torch.tensor(spec.mean, device=device).view(1, 3, 1, 1),
               torch.tensor(spec.std, device=device).view(1, 3, 1, 1))
     if args.bench:
-        loader = synthetic_loader(spec, args.batch_size, device, gen, max(2, args.mem_iters) + args.bench, rank, world)
-        return bench(args, spec, net, method, opt, scaler, autocast, spec_t, params, device, loader, sync, ddp)
+        loader = synthetic_loader(spec, args.batch_size, device, gen, max(2, args.mem_iters + 1) + args.bench, rank,
+                                  world, channels_last)
+        return bench(args, spec, net, method, opt, scaler, autocast, spec_t, params, device, loader, sync, ddp, compiled)
 
-    train_loader, test_loader = load_data(args, spec, device, gen, rank, world)
+    train_loader, test_loader = load_data(args, spec, device, gen, rank, world, channels_last)
     cfg = {k: v for k, v in vars(args).items() if k not in all_options()}      # method options: resolved values
     cfg.update({k: v for k, v in vars(method.opts).items() if k not in CONTEXT and k != "chain"})
     cfg.update(device=str(device), world_size=world, modules=net.K, train_images=len(train_loader.labels),
@@ -3012,7 +3075,7 @@ def run(args):
             torch.cuda.reset_peak_memory_stats(device)
         stats, seen, secs, act_peak = train_epoch(net, method, opt, train_loader, scaler, autocast, spec_t, params,
                                                   args.mem_iters, args.log_secs if rank == 0 else math.inf, epoch,
-                                                  args.epochs, sync)
+                                                  args.epochs, sync, compiled)
         cuda_alloc = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         cuda_res = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
         if stats is None:
@@ -3069,25 +3132,29 @@ def load_checkpoint(args):
     return ck
 
 
-def bench(args, spec, net, method, opt, scaler, autocast, spec_t, params, device, loader, sync=None, ddp=None):
+def bench(args, spec, net, method, opt, scaler, autocast, spec_t, params, device, loader, sync=None, ddp=None,
+          compiled=None):
     """--bench N: warm-up, then N timed iterations; the meter runs on the warm-up iterations only, so the timing
-    excludes its hooks. Data parallel: img/s of the global batch, timed on rank 0 after a barrier."""
-    warm = max(2, args.mem_iters)
+    excludes its hooks (and, with --compile, the compilation: its time is reported apart). Data parallel: img/s
+    of the global batch, timed on rank 0 after a barrier."""
+    warm = max(2, args.mem_iters + (compiled is not None))      # (metered iterations are eager: compile after)
     cuda_sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     meter = ActivationMeter(params)
     net.train()
     method.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = None
+    t0, t_warm = None, time.time()
     for it, (x, y) in enumerate(loader):
+        if it == warm + args.bench:
+            break
         if it == warm:
             cuda_sync()
             if ddp is not None:
                 dist.barrier()
             t0 = time.time()
         train_step(net, method, opt, Batch(x, y, *spec_t), scaler, autocast, meter if it < args.mem_iters else None,
-                   sync, len(y) / loader.global_batch(it))
+                   sync, len(y) / loader.global_batch(it), compiled)
     cuda_sync()
     if ddp is not None:
         dist.barrier()
@@ -3096,7 +3163,8 @@ def bench(args, spec, net, method, opt, scaler, autocast, spec_t, params, device
     result = dict(bench=True, method=args.method, base=args.base, arch=args.arch, K=args.K, modules=net.K,
                   batch=args.batch_size, dataset=args.dataset, image_size=spec.size, device=str(device),
                   world_size=world, threads=torch.get_num_threads(), iters=args.bench,
-                  img_s=args.bench * args.batch_size / secs, summary=method.summary(),
+                  img_s=args.bench * args.batch_size / secs, summary=method.summary(), compile=args.compile,
+                  compiled=compiled is not None, warmup_s=round(t0 - t_warm, 2),
                   act_peak_bytes=meter.peak, act_peak_mib=round(meter.peak / MiB, 2), **state_bytes(params, opt))
     if device.type == "cuda":
         result.update(cuda_peak_alloc=torch.cuda.max_memory_allocated(device),
