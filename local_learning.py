@@ -3162,6 +3162,8 @@ def bench(args, spec, net, method, opt, scaler, autocast, spec_t, params, device
     world = ddp.world if ddp is not None else 1
     result = dict(bench=True, method=args.method, base=args.base, arch=args.arch, K=args.K, modules=net.K,
                   batch=args.batch_size, dataset=args.dataset, image_size=spec.size, device=str(device),
+                  device_name=device_name(device), options=given_options(args),
+                  balanced_memory=args.balanced_memory, amp=args.amp,
                   world_size=world, threads=torch.get_num_threads(), iters=args.bench,
                   img_s=args.bench * args.batch_size / secs, summary=method.summary(), compile=args.compile,
                   compiled=compiled is not None, warmup_s=round(t0 - t_warm, 2),
@@ -3173,12 +3175,90 @@ def bench(args, spec, net, method, opt, scaler, autocast, spec_t, params, device
     return result
 
 
+def device_name(device):
+    """What the numbers were measured on (for the recorded tables)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)"
+
+
+def given_options(args):
+    """Method options set on the command line (they label result rows, e.g. AugLocal's depth)."""
+    return {k: getattr(args, k) for k, o in all_options().items() if o.help is not None and getattr(args, k) is not None}
+
+
 def emit(result, out):
     line = json.dumps(result)
     print(line, flush=True)
     if out:
         with open(out, "a") as f:
             f.write(line + "\n")
+
+
+def bench_label(r):
+    """method[+base] and the options that distinguish a row (e.g. auglocal d=3 pyramid=0.5)."""
+    opts = {k: v for k, v in (r.get("options") or {}).items() if k not in ("local_loss",) or r["method"] != "bp"}
+    short = dict(aux_depth="d", pyramid="pyramid", dgl_head="head", local_loss="loss")
+    return r["method"] + (f"+{r['base']}" if r.get("base") else "") + \
+        "".join(f" {short.get(k, k)}={v}" for k, v in sorted(opts.items()))
+
+
+def report_bench(rows):
+    """The speed/memory table of --bench lines (BENCH=1 run_all.sh): per method and arch/K, modules, activation
+    peak (vs BP of the same arch), img/s eager and compiled (overhead vs BP eager), CUDA peak memory where
+    measured; and, from --balanced-memory rows at the same batch, InfoPro's memory table (Table 3)."""
+    out, key = [], lambda r: (r["device_name"] if r.get("device_name") else r["device"], r["batch"], r.get("amp"))
+    for (dev, batch, amp), rs in {k: [r for r in rows if key(r) == k] for k in dict.fromkeys(map(key, rows))}.items():
+        plain = [r for r in rs if not r.get("balanced_memory")]
+        cols = sorted({(r["arch"], r["K"]) for r in plain if r["method"] != "bp"}, key=lambda c: (int(c[0][6:]), c[1]))
+        cuda = any(r.get("cuda_peak_alloc") for r in plain)
+        cell = {}
+        for r in plain:
+            for c in (cols if r["method"] == "bp" else [(r["arch"], r["K"])]):
+                if c[0] == r["arch"]:
+                    cell.setdefault((bench_label(r), c), {})["compiled" if r.get("compiled") else "eager"] = r
+        labels = list(dict.fromkeys(["bp"] + [bench_label(r) for r in plain]))
+        threads = sorted({r.get("threads") for r in rs})
+        per = ["modules", "act. MiB (vs BP)"] + (["CUDA peak MiB"] if cuda else []) + ["img/s eager (vs BP)",
+                                                                                    "img/s compiled"]
+        out += [f"### Speed and memory: `--bench`, batch {batch}{', --amp ' + amp if amp and amp != 'none' else ''} "
+                f"({dev}{', threads ' + ','.join(map(str, threads)) if 'cuda' not in str(dev).lower() else ''})", "",
+                "| method | " + " | ".join(f"{a} K={k}: {p}" if i == 0 else p for a, k in cols
+                                          for i, p in enumerate(per)) + " |",
+                "|---|" + "---|" * (len(per) * len(cols))]
+        for lab in labels:
+            cells = []
+            for c in cols:
+                g, b = cell.get((lab, c), {}), cell.get(("bp", c), {}).get("eager")
+                e, cp = g.get("eager"), g.get("compiled")
+                r = e or cp
+                if r is None:
+                    cells += [""] * len(per)
+                    continue
+                vs = lambda x, y: f" ({100 * (x / y - 1):+.0f} %)" if b and lab != "bp" else ""
+                cells += ["1" if lab == "bp" else str(r["modules"]),
+                          f"{r['act_peak_mib']:.1f}" + vs(r["act_peak_mib"], b["act_peak_mib"] if b else 1)]
+                if cuda:
+                    cells.append(f"{r['cuda_peak_alloc'] / MiB:.0f}" if r.get("cuda_peak_alloc") else "")
+                cells += [f"{e['img_s']:.0f}" + vs(b["img_s"] if b else 1, e["img_s"]) if e else "",
+                          f"{cp['img_s']:.0f}" if cp else ""]
+            out.append(f"| {lab} | " + " | ".join(cells) + " |")
+        out += ["", "act. MiB = peak bytes autograd holds for backward (the activation meter); vs BP = relative to BP "
+                "of the same arch; img/s overhead = BP img/s / img/s - 1.", ""]
+        bal = [r for r in rs if r.get("balanced_memory") or (r["method"] == "bp" and r["arch"] == "resnet110")]
+        if any(r.get("balanced_memory") for r in bal):
+            bp = next((r for r in bal if r["method"] == "bp"), None)
+            mem = lambda r: r.get("cuda_peak_alloc") or r["act_peak_bytes"]
+            out += [f"### InfoPro* memory (its Table 3 setting: ResNet-110, batch {batch}; {dev})", "",
+                    "| method | K | peak memory GB | vs BP | paper |", "|---|---|---|---|---|"]
+            paper = {1: "9.40 GB", 2: "-42.8 %", 3: "-55.1 %", 4: "-62.6 %"}
+            for r in sorted(bal, key=lambda r: r["K"] if r["method"] != "bp" else 0):
+                vs = f"{100 * (mem(r) / mem(bp) - 1):+.1f} %" if bp and r is not bp else ""
+                out.append(f"| {'infopro*' if r['method'] != 'bp' else 'bp'} | {r['K']} | {mem(r) / 1e9:.2f} | {vs} | "
+                           f"{paper.get(r['K'] if r['method'] != 'bp' else 1, '')} |")
+            out += ["", "GB = 1e9 bytes: CUDA max_memory_allocated where measured, else the activation meter alone.", ""]
+    return out
 
 
 def report(path, run_line=None):
@@ -3190,14 +3270,15 @@ def report(path, run_line=None):
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"--report {path}: {e}")
     runs = [(i, r) for i, r in lines if not r.get("bench") and r.get("final_acc") is not None]
-    if not runs:
-        raise UserError(f"--report {path}: no training runs in the file")
+    benches = [r for _, r in lines if r.get("bench") and not r.get("pipeline") and r.get("world_size", 1) == 1]
+    if not runs and not benches:
+        raise UserError(f"--report {path}: no training runs or bench lines in the file")
+    out = report_bench(benches) if benches else []
     label = lambda r: r["method"] + (f"+{r['base']}" if r.get("base") else "")
     mean_std = lambda v: (sum(v) / len(v), (sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1)) ** 0.5
                           if len(v) > 1 else 0.0)
     order = list(dict.fromkeys(["bp", "greedy", "dgl", "predsim", "infopro", "auglocal"] +
                                sorted({label(r) for _, r in runs})))
-    out = []
     for ds in dict.fromkeys(r["dataset"] for _, r in runs):
         rs = [r for _, r in runs if r["dataset"] == ds]
         cols = sorted({(r["arch"], r["K"]) for r in rs if r["method"] != "bp"} or {(r["arch"], 1) for r in rs},

@@ -4,9 +4,11 @@
 #   bash run_all.sh                               # full protocol (160 epochs, 3 seeds): days on one GPU
 #   QUICK=1 bash run_all.sh                       # whole grid in minutes on a CPU: 256 images, 1 epoch
 #   METHODS="bp dgl" DATASETS=cifar10 SEEDS="0 1" EPOCHS=40 DEVICE=cuda bash run_all.sh
+#   BENCH=1 bash run_all.sh                       # the speed/memory grid (--bench), rendered with --report
 #
 # Environment overrides (defaults in brackets):
-#   METHODS   [bp greedy dgl predsim infopro auglocal man+infopro man+dgl mlaan+infopro mlaan+dgl sgr+infopro sgr+dgl]
+#   METHODS   [bp greedy dgl predsim infopro auglocal man+infopro man+dgl mlaan+infopro mlaan+dgl mlaan+greedy
+#              sgr+infopro sgr+dgl]
 #             method[+base] words; an add-on's base follows the first '+' (sgr+man+dgl = SGR on MAN on DGL)
 #   DATASETS  [cifar10 svhn stl10]                datasets (files in $DATA_DIR, downloaded if missing)
 #   GRID      [resnet32:8 resnet32:16 resnet110:32 resnet110:55]   arch:K pairs (bp always runs K=1)
@@ -14,6 +16,11 @@
 #   EXTRA     []                                  extra flags passed to every run
 #   QUICK=1   tiny budget: --subset 128 --test-subset 256 --epochs 1 --batch-size 64, one seed, results in
 #             results_quick.jsonl -- the whole pipeline in minutes on a CPU (numbers meaningless)
+# BENCH=1: no training; for every METHODS word x BENCH_GRID [resnet32:16 resnet110:55] x BENCH_COMPILE
+#   [eager default] (eager and --compile modes), `--bench BENCH_ITERS [8] --batch-size BENCH_BATCH [128]`
+#   (+ BENCH_FLAGS, e.g. "--amp bf16"), appended to RESULTS_BENCH [results_bench.jsonl]; on CUDA (or with
+#   MEMTABLE=1) also BP and InfoPro* (--balanced-memory) K=2,3,4 on ResNet-110 at batch MEMTABLE_BATCH [1024]:
+#   InfoPro's memory table. Then `--report` renders the tables.
 # AugLocal runs with --pyramid 0.5 (its official commands; aux depth 3). Every method uses the same EPOCHS
 # (the InfoPro protocol, 160); MAN, MLAAN and AugLocal published 400-epoch numbers: EPOCHS=400 for those.
 # Render the results with:  python local_learning.py --report results.jsonl
@@ -23,7 +30,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-METHODS=${METHODS:-"bp greedy dgl predsim infopro auglocal man+infopro man+dgl mlaan+infopro mlaan+dgl sgr+infopro sgr+dgl"}
+METHODS=${METHODS:-"bp greedy dgl predsim infopro auglocal man+infopro man+dgl mlaan+infopro mlaan+dgl mlaan+greedy sgr+infopro sgr+dgl"}
 DATASETS=${DATASETS:-"cifar10 svhn stl10"}
 GRID=${GRID:-"resnet32:8 resnet32:16 resnet110:32 resnet110:55"}
 SEEDS=${SEEDS:-"0 1 2"}
@@ -38,6 +45,40 @@ if [ "${QUICK:-0}" = 1 ]; then
 fi
 [ -n "${DEVICE:-}" ] && FLAGS="$FLAGS --device $DEVICE"
 PY=${PYTHON:-python}
+
+if [ "${BENCH:-0}" = 1 ]; then
+  RB=${RESULTS_BENCH:-results_bench.jsonl}
+  touch "$RB"
+  bench() {  # label, then local_learning.py flags
+    echo "== bench $1"; shift
+    # shellcheck disable=SC2086
+    $PY local_learning.py "$@" --out "$RB" $EXTRA || { echo "run_all.sh: bench stopped (see above)" >&2; exit 1; }
+  }
+  for pair in ${BENCH_GRID:-resnet32:16 resnet110:55}; do
+    arch=${pair%%:*}; k=${pair##*:}
+    for word in $METHODS; do
+      method=${word%%+*}; base=""; [ "$word" != "$method" ] && base="--base ${word#*+}"
+      K=$k; [ "$method" = bp ] && K=1
+      MFLAGS=""; [ "$method" = auglocal ] && MFLAGS="--pyramid 0.5"
+      for mode in ${BENCH_COMPILE:-eager default}; do
+        CFLAGS=""; [ "$mode" != eager ] && CFLAGS="--compile $mode"
+        # shellcheck disable=SC2086
+        bench "$word $arch K=$K $mode" --method "$method" $base --arch "$arch" --K "$K" $MFLAGS $CFLAGS \
+          --bench "${BENCH_ITERS:-8}" --batch-size "${BENCH_BATCH:-128}" ${DEVICE:+--device $DEVICE} ${BENCH_FLAGS:-}
+      done
+    done
+  done
+  if [ "${MEMTABLE:-}" = 1 ] || { [ -z "${MEMTABLE:-}" ] && $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; }; then
+    for K in 1 2 3 4; do
+      if [ "$K" = 1 ]; then M="--method bp"; else M="--method infopro --balanced-memory"; fi
+      # shellcheck disable=SC2086
+      bench "memory table K=$K" $M --arch resnet110 --K "$K" --bench 3 --batch-size "${MEMTABLE_BATCH:-1024}" \
+        ${DEVICE:+--device $DEVICE} ${BENCH_FLAGS:-}
+    done
+  fi
+  $PY local_learning.py --report "$RB"
+  exit 0
+fi
 touch "$RESULTS"
 
 done_already() {  # method dataset arch K seed base-json: is this run in $RESULTS?

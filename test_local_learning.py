@@ -842,8 +842,7 @@ def _result(method, seed, acc, K=16, base=None, img_s=100.0, act=1e8, modules=No
 def test_report_renders_papers_layout(tmp_path, capsys):
     rows = [_result("bp", 0, 93.0, K=1, img_s=200, act=4e8), _result("bp", 1, 92.0, K=1, img_s=200, act=4e8),
             _result("dgl", 0, 85.0, act=1e8, img_s=100), _result("dgl", 1, 87.0, act=1e8, img_s=100),
-            _result("man", 0, 90.0, K=16, base="dgl", modules=15, act=2e8, img_s=50),
-            {"bench": True, "method": "bp", "img_s": 1.0}]
+            _result("man", 0, 90.0, K=16, base="dgl", modules=15, act=2e8, img_s=50)]
     path = tmp_path / "r.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     text = L.main(["--report", str(path)])
@@ -1566,3 +1565,32 @@ def test_compile_falls_back_or_refuses_in_one_line(capsys):
     r = cli("--method", "dgl", "--compile", "reduce-overhead", "--bench", "1", "--batch-size", "4")
     assert r.returncode == 2 and r.stderr.strip() == "error: --compile reduce-overhead uses CUDA graphs: CUDA only " \
         "(use --compile default)"
+
+
+def _bench_row(method, K, img_s, act_mib, compiled=False, base=None, modules=None, **kw):
+    return dict(bench=True, method=method, base=base, arch="resnet32", K=K, modules=modules or K, batch=128,
+                device="cpu", device_name="cpu (2 CPUs)", options={}, balanced_memory=False, amp="none", threads=2,
+                img_s=img_s, act_peak_mib=act_mib, act_peak_bytes=act_mib * 2 ** 20, compiled=compiled, **kw)
+
+
+def test_report_renders_bench_lines(tmp_path):
+    rows = [_bench_row("bp", 1, 200.0, 300.0), _bench_row("dgl", 16, 100.0, 30.0),
+            _bench_row("dgl", 16, 125.0, 30.0, compiled=True), _bench_row("man", 16, 50.0, 60.0, base="dgl", modules=15)]
+    path = tmp_path / "b.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    lines = L.main(["--report", str(path)]).splitlines()
+    assert "| bp | 1 | 300.0 | 200 |  |" in lines
+    assert "| dgl | 16 | 30.0 (-90 %) | 100 (+100 %) | 125 |" in lines
+    assert "| man+dgl | 15 | 60.0 (-80 %) | 50 (+300 %) |  |" in lines
+
+
+def test_run_all_bench_grid(tmp_path):
+    env = dict(os.environ, BENCH="1", METHODS="bp dgl", BENCH_GRID="resnet20:4", BENCH_COMPILE="eager",
+               BENCH_ITERS="1", BENCH_BATCH="8", MEMTABLE="0", RESULTS_BENCH=str(tmp_path / "b.jsonl"),
+               PYTHON=sys.executable)
+    r = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(l) for l in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert [(x["method"], x["K"], x["bench"]) for x in rows] == [("bp", 1, True), ("dgl", 4, True)]
+    assert any(l.startswith("| dgl | 4 | ") for l in r.stdout.splitlines())
