@@ -1817,7 +1817,8 @@ class MLAAN(LocalMethod):
         mlaan_ema=Opt(lambda c: "all+last" if family(c.arch) == "imagenet" else "last",
                       "MLAAN: EMA-update only the last boundary's copy after the final backward (official CIFAR "
                       "code, the default there), every one after its own backward (the paper), or both (official "
-                      "ImageNet code, the default there)", choices=("last", "all", "all+last")),
+                      "ImageNet code, the default there); none: no EMA branch at all (an ablation)",
+                      choices=("last", "all", "all+last", "none")),
         mlaan_depth=Opt(None, "MLAAN: modules re-run by the cascade branch (default: 2 on greedy, 3 on dgl/infopro "
                         "and on ImageNet)", type=int, lo=1),
         mlaan_copies=Opt(None, "MLAAN: EMA copies frozen (official greedy/dgl files) or also SGD-trained (official "
@@ -1860,7 +1861,7 @@ class MLAAN(LocalMethod):
         # blocks. ImageNet: built before the init loop there, so every copy is random and independent.
         dup = (lambda u: fresh_copy(u)) if self.imagenet else copy.deepcopy
         self.aug = nn.ModuleDict({str(i): nn.Sequential(*[dup(net.units[u]) for u in chains[i]]) for i in live})
-        self.ema = nn.ModuleDict({str(i): dup(net.units[chains[i][0]]) for i in live})
+        self.ema = nn.ModuleDict({str(i): dup(net.units[chains[i][0]]) for i in live if self.ema_mode != "none"})
         for p in self.ema.parameters():
             p.requires_grad_(opts.mlaan_copies == "trained")
         self.indep = nn.ModuleDict({str(i): self._head(shape(i)[0], num_classes, opts, independent=True) for i in live})
@@ -1947,7 +1948,7 @@ class MLAAN(LocalMethod):
         key = str(k)
         y = self._cascade(k)
         aug = self.aug[key]
-        u = aug[0](y) + self.ema[key](y)
+        u = aug[0](y) + self.ema[key](y) if key in self.ema else aug[0](y)
         for blk in list(aug)[1:]:
             u = blk(u)
         l_x, _ = self._loss(self.indep[key], z, batch, k, True)
@@ -1968,8 +1969,8 @@ class MLAAN(LocalMethod):
 
     def after_backward(self, k):
         last = self.n_modules - 1
-        every = [k] if k < last and self.ema_mode != "last" else []
-        at_end = [last - 1] if k == last and self.ema_mode != "all" else []
+        every = [k] if k < last and self.ema_mode not in ("last", "none") else []
+        at_end = [last - 1] if k == last and self.ema_mode in ("last", "all+last") else []
         for i in every + at_end:
             if str(i) in self.ema:
                 ema_update(self.ema[str(i)], self.net_ref[0].units[self.chain_units[i][0]], self.decay)
