@@ -34,8 +34,24 @@ Run
 ---
     python local_learning.py --method dgl --dataset cifar10 --arch resnet32 --K 16
     python local_learning.py --method mlaan --base dgl --dataset folder --data-dir ../shared/data/cifar10-subset \\
-        --norm cifar10 --batch-size 128 --lr 0.1 --epochs 5 --warmup-epochs 0
+        --norm cifar10 --batch-size 128 --lr 0.1 --epochs 5 --warmup-epochs 1
     python local_learning.py --method infopro --arch resnet110 --K 55 --bench 10 --batch-size 128  # speed + memory
+    torchrun --nproc_per_node=8 local_learning.py --method infopro --dataset imagenet --data-dir IMAGENET \\
+        --arch resnet101 --K 2                                        # data parallel: InfoPro*'s ImageNet run
+    torchrun --nproc_per_node=4 local_learning.py --pipeline --method dgl --arch resnet110 --K 55   # module parallel
+
+Use it in your project (sections 3, 5, 7): any network as an ordered list of units plus a head
+--------------------------------------------------------------------------------------------------
+    net = LocalNet(units, head, ends=4, example_input=torch.zeros(1, 3, 224, 224))  # K=4 (or unit indices)
+    method = attach(net, "dgl")                       # or "man", base="dgl", ema_decay=0.99 -- options as keywords
+    opt = torch.optim.SGD([*net.parameters(), *method.parameters()], lr=0.1, momentum=0.9)
+    for x, y in loader:
+        opt.zero_grad()
+        stats = forward_backward(net, method, Batch(x, y))   # forward -> local loss -> backward, per module
+        opt.step()
+Aux nets are sized from one dry run of the units. Greedy, DGL and SGR accept any features (maps, tokens,
+vectors); InfoPro, PredSim and AugLocal's DGL head need C x H x W maps; AugLocal deep-copies later units (or
+rebuilds them with a `block` factory); MAN copies the next unit; MLAAN needs our ResNets (its leap tables).
 
 Recorded results -- CPU (2 cores), torch 2.14.1. Accuracy: real CIFAR-10 images (the 5,085/1,017-image subset of
 shared/data/cifar10-subset), ResNet-32 K=16, batch 128, lr 0.1, 5 epochs, seed 0 (tiny budget, far below paper
@@ -56,7 +72,7 @@ accuracy). Memory and speed: --bench 8 --batch-size 128. Commands and more rows 
     sgr + infopro     35.89        126.9 (-58 %)             24
 
 Sections, in reading order: config -> data -> backbone & splits -> auxiliary nets -> methods -> memory meter
--> training step -> evaluation -> main.
+-> training step -> evaluation -> distributed and pipelined execution (skip it on one device) -> main.
 """
 import argparse
 import contextlib
@@ -79,7 +95,12 @@ import torch.nn.functional as F
 
 
 class UserError(Exception):
-    """A mistake in the command line or the data: printed as one line `error: ...`, exit status 2."""
+    """A mistake in the command line or the data: printed as one line `error: ...`, exit status 2. Under torchrun
+    rank 0 prints it, or the rank it concerns (`every_rank`: a problem of that rank alone, e.g. its device)."""
+
+    def __init__(self, message, every_rank=False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 # =============================================================================================================
@@ -94,7 +115,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    p = _Parser(description="Supervised local learning (BP, Greedy SL, DGL, ...) on CIFAR-style ResNets.")
+    p = _Parser(description="Supervised local learning: a ResNet trained as K gradient-isolated modules, each with "
+                "its own aux net and local loss (BP, Greedy SL, DGL, PredSim, InfoPro, AugLocal; add-ons MAN, MLAAN, "
+                "SGR), on CIFAR-10/100, SVHN, STL-10, ImageNet or any image folder; one device, torchrun data "
+                "parallelism or --pipeline module parallelism.")
     a = p.add_argument
     a("--method", default="dgl", choices=sorted(METHODS), help="training method (see the header docstring)")
     a("--dataset", default="cifar10", choices=sorted(DATASETS),
@@ -121,9 +145,12 @@ def build_parser():
       help="InfoPro* split tables (ResNet-110 on cifar10/stl10, K=2,3,4): fewer blocks in early modules")
     a("--print-splits", action="store_true", help="print which blocks each module owns and the aux-net "
       "input shapes, then exit")
-    a("--epochs", type=int, default=None, help="training epochs (default 160, the InfoPro protocol; imagenet 90)")
-    a("--batch-size", type=int, default=None, help="default 1024 (CIFAR, SVHN), 128 (STL-10), 256 (ImageNet)")
-    a("--lr", type=float, default=None, help="initial learning rate (default 0.8 at batch 1024, 0.1 at 128/256)")
+    a("--epochs", type=int, default=None, help="training epochs (default 160, the InfoPro protocol; imagenet: the "
+      "method's paper, e.g. 90)")
+    a("--batch-size", type=int, default=None, help="the global batch (split over torchrun ranks); default 1024 "
+      "(CIFAR, SVHN), 128 (STL-10); imagenet: the method's paper (e.g. 256)")
+    a("--lr", type=float, default=None, help="initial learning rate (default 0.8 at batch 1024, 0.1 at 128; "
+      "imagenet: the method's paper)")
     a("--wd", type=float, default=1e-4, help="SGD weight decay, applied to every parameter as in the originals")
     a("--warmup-epochs", type=int, default=None,
       help="linear warm-up epochs of the per-epoch cosine schedule (default 10, the CIFAR originals; 0 on ImageNet)")
@@ -156,7 +183,7 @@ def build_parser():
     for name, o in all_options().items():   # method options (section 5), each declared by its method
         if o.help is None:                     # (internal: resolved from other options)
             continue
-        shown = "" if o.default is None or callable(o.default) or "default" in o.help else f" (default {o.default})"
+        shown = "" if o.default is None or callable(o.default) or "(default" in o.help else f" (default {o.default})"
         kw = dict(type=o.type) if o.type else {}
         a(f"--{name.replace('_', '-')}", default=None, choices=o.choices, help=o.help + shown, **kw)
     return p
@@ -387,7 +414,6 @@ def folder_spec(args):
 
 def load_folder_uint8(ds, size):
     """Decode a small-image ImageFolder once into uint8 arrays (this is the only PIL in the program's fast path)."""
-    from PIL import Image
     x = np.empty((len(ds.samples), 3, size, size), dtype=np.uint8)
     for i, (path, _) in enumerate(ds.samples):
         a = load_image(path, np.asarray)
@@ -772,7 +798,6 @@ class LocalNet(nn.Module):
         self.block = ARCHS[arch][1] if arch in ARCHS else block   # AugLocal builds its aux nets from this factory
         self.input_shape = tuple(example_input.shape[1:])
         x = example_input
-        self.image_size = x.shape[-1] if x.dim() == 4 and x.shape[-1] == x.shape[-2] else None
         if arch in ARCHS:
             init_weights(self)
         with torch.no_grad():   # output shape (without the batch dimension) of every unit
@@ -1021,10 +1046,10 @@ class AugLocalAux(nn.Module):
 
         selected = [round(L + (n - L - 1) / D * j) for j = 1..D]     (n units; all remaining ones if D >= n-1-L)
     Python's round (half to even), as the official code -- half-up rounding builds different nets. On our
-    ResNets (`net.block` set) each block is rebuilt for the width it receives: a block that reaches a wider unit
-    takes stride 2 (one stride-2 per doubling of width, carried to the next block if a single block quadruples
-    the width), like the backbone unit it imitates. On any other backbone the selected units are deep-copied and
-    re-initialised as they are, so their input and output shapes must chain."""
+    ResNets (`net.block` set) each block is rebuilt for the width it receives, with stride 2 while the map is
+    larger than the imitated unit's output (one halving per block, carried to the next block if a single block
+    skips two stages), like the backbone unit it imitates. On any other backbone the selected units are
+    deep-copied and re-initialised as they are, so their input and output shapes must chain."""
 
     def __init__(self, L, depth, net, num_classes):
         super().__init__()
@@ -1034,14 +1059,11 @@ class AugLocalAux(nn.Module):
         else:
             self.selected = [round(L + (n - L - 1) / depth * j) for j in range(1, depth + 1)]
         if net.block is not None:
-            cur, debt, blocks = shapes[L][0], 0, []
-            for j in self.selected:
-                cout = shapes[j][0]
-                debt += int(math.log2(cout // cur))
-                stride = 2 if debt >= 1 else 1
-                debt -= stride == 2
+            cur, size, blocks = shapes[L][0], shapes[L][1], []
+            for j in self.selected:   # a block halves the map (stride 2) while it is larger than the imitated unit's
+                cout, stride = shapes[j][0], 2 if size > shapes[j][1] else 1
                 blocks.append(net.block(cur, cout // net.block.expansion, stride))
-                cur = cout
+                cur, size = cout, size // stride
             self.blocks = nn.Sequential(*blocks)
         else:
             self.blocks = nn.Sequential(*[fresh_copy(net.units[j], "random", our_init=False) for j in self.selected])
@@ -1201,6 +1223,7 @@ class Opt:
     choices: tuple = None
     lo: float = None              # smallest allowed value
     hi: float = None              # largest allowed value
+    positive: bool = False        # must be > 0
 
 
 @dataclass
@@ -1233,9 +1256,9 @@ class LocalMethod(nn.Module):
 
     def __init__(self, net, opts, num_classes, shapes=None, chain=None):
         super().__init__()
-        self.image_size, self.n_modules = net.image_size, net.K
+        self.n_modules = net.K
         self.aux_shapes = net.boundary_shapes if shapes is None else shapes   # add-ons pass what their aux reads
-        self.aux = nn.ModuleList([self.make_aux(shape, num_classes, opts) for shape in self.aux_shapes])
+        self.aux = nn.ModuleList([self.make_aux(k, shape, num_classes, opts) for k, shape in enumerate(self.aux_shapes)])
         init_weights(self)
 
     @classmethod
@@ -1247,7 +1270,8 @@ class LocalMethod(nn.Module):
         """Hook to change the split a method really builds (MAN merges a stem-alone module into module 1)."""
         return ends
 
-    def make_aux(self, shape, num_classes, opts):
+    def make_aux(self, k, shape, num_classes, opts):
+        """The aux net of local module k, reading features of `shape` (C x H x W, N x D or D)."""
         raise NotImplementedError
 
     def summary(self):
@@ -1341,7 +1365,7 @@ class Greedy(LocalMethod):
     C x H x W maps are averaged over space, N x D tokens over tokens, D vectors are used as they are."""
     name = "greedy"
 
-    def make_aux(self, shape, num_classes, opts):
+    def make_aux(self, k, shape, num_classes, opts):
         return GreedyAux(shape[0] if len(shape) == 3 else shape[-1], num_classes)
 
 
@@ -1360,7 +1384,7 @@ class DGL(LocalMethod):
                                 "repository's, behind the AugLocal/MAN/MLAAN papers' DGL rows)",
                                 choices=("dgl", "auglocal")))
 
-    def make_aux(self, shape, num_classes, opts):
+    def make_aux(self, k, shape, num_classes, opts):
         if opts.dgl_head == "auglocal":
             need_image_features("dgl --dgl-head auglocal", shape)
             return AugLocalDGLAux(shape, num_classes)
@@ -1397,6 +1421,12 @@ def resolve_lambdas(given, defaults, source):
     note = source if all(v is None for v in given) else "command line" + \
         ("" if all(v is not None for v in given) else f" (the others: {source})")
     return values, note
+
+
+def stage_positions(stages, n):
+    """r = s / (n - 2) for stage indices s (0 when n <= 2): MAN's and MLAAN's interpolation variable, the stage of
+    a block over the number of modules where InfoPro uses the module index (a quirk of their code)."""
+    return [s / (n - 2) if n > 2 else 0.0 for s in stages]
 
 
 def module_positions(n):
@@ -1476,7 +1506,7 @@ class InfoPro(LocalMethod):
     options = dict(
         aux_config=Opt("1c2f", "InfoPro-family aux head, <n>c<m>f = n convs, m linears (default 1c2f; MAN: 2c2f)",
                        choices=AuxClassifier.CONFIGS),
-        aux_widen=Opt(1.0, "width multiplier of decoder and aux head", type=float, lo=1e-9),
+        aux_widen=Opt(1.0, "width multiplier of decoder and aux head", type=float, positive=True),
         aux_feature_dim=Opt(128, "hidden/embedding width D of the aux head (the original's default 0 builds a "
                             "broken head)", type=int, lo=1),
         local_loss=Opt(lambda c: "cross_entropy" if family(c.arch) == "imagenet" else "contrast",
@@ -1506,7 +1536,7 @@ class InfoPro(LocalMethod):
         w = ", ".join(f"({a:g},{b:g})" for a, b in self.weights)
         return f"lambdas {self.lambdas_all} [{self.lambda_source}] per module (l1,l2): {w}"
 
-    def make_aux(self, shape, num_classes, opts):
+    def make_aux(self, k, shape, num_classes, opts):
         return infopro_aux(shape[0], opts, num_classes, self.input_hw, imagenet=self.imagenet)
 
     def local_loss(self, k, z, batch):
@@ -1559,11 +1589,9 @@ class AugLocal(LocalMethod):
         self.depths = [max(1, round(opts.aux_depth * (1 - r) + r))
                        for r in (k * opts.pyramid / (n - 1) if n > 1 else 0.0 for k in range(n))]
         self.net_ref = [net]                               # a plain list: the backbone is not part of the method
-        self._k = iter(range(n))
         super().__init__(net, opts, num_classes, shapes)
 
-    def make_aux(self, shape, num_classes, opts):
-        k = next(self._k)
+    def make_aux(self, k, shape, num_classes, opts):
         net = self.net_ref[0]
         return AugLocalAux(net.ends[k], self.depths[k], net, num_classes)
 
@@ -1595,7 +1623,7 @@ class PredSim(LocalMethod):
         self.num_classes = num_classes
         self.weights = interpolate_lambdas(opts.lambdas[0], module_positions(len(self.aux)))
 
-    def make_aux(self, shape, num_classes, opts):
+    def make_aux(self, k, shape, num_classes, opts):
         return PredSimAux(*shape, num_classes)
 
     def local_loss(self, k, z, batch):
@@ -1732,8 +1760,7 @@ class MAN(AddOn):
             p.requires_grad_(False)
         if chain[1] == "infopro":
             stages = [net.stage(e + 1) for e in net.ends[:-1]]
-            self.base.weights = interpolate_lambdas(self.base.lambdas_all,
-                                                    [s / (opts.K - 2) if opts.K > 2 else 0.0 for s in stages])
+            self.base.weights = interpolate_lambdas(self.base.lambdas_all, stage_positions(stages, opts.K))
 
     def summary(self):
         return super().summary() + f"; EMA decay {self.decay}"
@@ -1872,7 +1899,7 @@ class MLAAN(LocalMethod):
         if self.kind == "infopro":
             self.lambdas_all, self.lambda_source = opts.lambdas
             stages = [net.stage(net.ends[i]) for i in range(M - 1)]
-            self.weights = interpolate_lambdas(self.lambdas_all, [s / (M - 2) if M > 2 else 0.0 for s in stages])
+            self.weights = interpolate_lambdas(self.lambdas_all, stage_positions(stages, M))
         self.inputs, self.stem_out = [], None
 
     def _head(self, c, num_classes, opts, independent):
@@ -1935,12 +1962,8 @@ class MLAAN(LocalMethod):
         if self.kind != "infopro":
             logits = head(z)
             return F.cross_entropy(fp32(logits), batch.y), logits
-        a, b = self.weights[k]
-        out = head["head"](z)
-        contrast = independent or self.contrast           # the independent classifier is always SupCon
-        task = supcon_loss(out, batch.y) if contrast else F.cross_entropy(fp32(out), batch.y)
-        recon = F.binary_cross_entropy_with_logits(fp32(head["decoder"](z)), batch.x01()) if a else 0.0
-        return a * recon + b * task, None if contrast else out
+        # the independent classifier is always SupCon; zero-weighted terms are skipped (zero_grad_parts)
+        return infopro_loss(head, z, batch, *self.weights[k], independent or self.contrast)
 
     def local_loss(self, k, z, batch):
         if k < self.first:
@@ -1956,9 +1979,11 @@ class MLAAN(LocalMethod):
         return self.W_INDEP * l_x + self.W_CASCADE * l_y, logits
 
     def zero_grad_parts(self, k, loss):
-        if self.kind != "infopro" or str(k) not in self.indep or self.weights[k][0]:
+        if self.kind != "infopro" or str(k) not in self.indep:
             return []
-        return [self.indep[str(k)]["decoder"], self.cascade[str(k)]["decoder"]]   # 0 * reconstruction term
+        a, b = self.weights[k]                             # the originals compute 0 * term: zero gradients
+        return [heads[str(k)][n] for heads in (self.indep, self.cascade) for n, w in (("decoder", a), ("head", b))
+                if not w]
 
     def final_loss(self, k, h, batch, net):
         logits = net.head(self._cascade(k))                 # the official last loss uses the cascade chain
@@ -2132,7 +2157,7 @@ def method_options(chain, given, **context):
     for c in classes:
         for name, o in c.options.items():
             declared.setdefault(name, o)
-    wrong = [n for n, v in given.items() if v is not None and n not in declared]
+    wrong = [n for n, v in given.items() if v is not None and (n not in declared or declared[n].help is None)]
     if wrong:
         owners = [m for m, c in METHODS.items() if wrong[0] in c.options]
         raise UserError(f"--{wrong[0].replace('_', '-')} does not apply to {'+'.join(chain)}"
@@ -2146,7 +2171,9 @@ def method_options(chain, given, **context):
             value = value(opts) if callable(value) else value
         flag = f"--{name.replace('_', '-')}"
         if o.lo is not None and value is not None and value < o.lo:
-            raise UserError(f"{flag} must be >= {o.lo if o.lo != 1e-9 else 'a positive number'}, got {value}")
+            raise UserError(f"{flag} must be >= {o.lo}, got {value}")
+        if o.positive and value is not None and value <= 0:
+            raise UserError(f"{flag} must be a positive number, got {value}")
         if o.hi is not None and value is not None and value > o.hi:
             raise UserError(f"{flag} must be in [{o.lo}, {o.hi}], got {value}")
         if o.choices and value not in o.choices:
@@ -2415,7 +2442,7 @@ def train_epoch(net, method, opt, loader, scaler, autocast, spec_t, params, mem_
             rate = seen / (last_log - t0)
             eta = (n_iters - it - 1) * (last_log - t0) / (it + 1)
             print(f"  epoch {epoch}/{epochs} iter {it + 1}/{n_iters}  loss {loss:.4f}  {rate:.0f} img/s  "
-                  f"eta {eta:.0f}s", flush=True)
+                  f"eta {eta:.0f}s{'  (rank 0)' if sync is not None else ''}", flush=True)
     return stats, seen, time.time() - t0, meter.peak
 
 
@@ -2471,6 +2498,9 @@ class DataParallel:
     def prepare(self, net, method, sync_bn):
         """SyncBatchNorm if asked; then every rank starts from rank 0's weights and buffers."""
         if sync_bn:
+            if "sgr" in method.opts.chain:
+                raise UserError("--sync-bn with SGR: SyncBatchNorm's backward cannot be differentiated again (SGR's "
+                                "double backward); drop --sync-bn")
             if self.device.type != "cuda":
                 raise UserError("--sync-bn needs CUDA devices (SyncBatchNorm runs on NCCL only); this run uses "
                                 f"{self.device.type} with gloo")
@@ -2538,6 +2568,9 @@ class GradAverager:
                     self.buckets.setdefault(k, []).append(p)
             for k in sorted(self.buckets):
                 self._launch(self.buckets[k])
+            self.bucketed = {p for b in self.buckets.values() for p in b}
+        else:   # a gradient that first appears after the first step (none of our methods): averaged here
+            self._launch([p for p in self.params if p.grad is not None and p not in self.bucketed])
         for work, flat, grads in self.pending:
             work.wait()
             for g, r in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
@@ -2563,7 +2596,8 @@ def init_distributed(args):
     device = torch.device("cuda", local) if kind == "cuda" else torch.device("cpu")
     if kind == "cuda":
         if local >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s)")
+            raise UserError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s) on this node",
+                            every_rank=True)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
@@ -2656,6 +2690,7 @@ class Stage:
         self.pending = False
         self.sends_back = not self.first and any(u >= a for u in method.reads_after_backward(lo - 1))
         self.pending_sends, self.weight_send = [], None
+        self.waited = 0.0                                   # seconds spent waiting on messages (not busy)
 
     def owned_state(self):
         """This stage's entries of the net's and the method's state dicts (parameters and buffers)."""
@@ -2672,15 +2707,20 @@ class Stage:
             bufs += [torch.empty(1, device=dev), torch.empty(B, *h_shape, device=dev)]
         return bufs, [dist.irecv(t, self.rank - 1, tag=1) for t in bufs]
 
-    def send_on(self, tensors):
-        for w in self.pending_sends:                        # one batch in flight: the previous one has left
+    def wait(self, works):
+        t = time.time()
+        for w in works:
             w.wait()
+        self.waited += time.time() - t
+
+    def send_on(self, tensors):
+        self.wait(self.pending_sends)                       # one batch in flight: the previous one has left
         self.keep = [t.contiguous() for t in tensors]
         self.pending_sends = [dist.isend(t, self.rank + 1, tag=1) for t in self.keep]
 
     def send_back_weights(self):
         if self.weight_send is not None:                   # (the previous copy has been received)
-            self.weight_send[0].wait()
+            self.wait([self.weight_send[0]])
         unit = self.net.units[self.net.bounds[self.modules[0]][0]]
         flat = torch._utils._flatten_dense_tensors([p.detach() for p in unit.parameters()])
         self.weight_send = (dist.isend(flat, self.rank - 1, tag=2), flat)
@@ -2694,13 +2734,40 @@ class Stage:
             for u in self.foreign:
                 ps = list(self.net.units[u].parameters())
                 flat = torch.empty(sum(p.numel() for p in ps), device=ps[0].device)
-                dist.recv(flat, self.rank + 1, tag=2)
+                self.wait([dist.irecv(flat, self.rank + 1, tag=2)])
                 with torch.no_grad():
                     for p, v in zip(ps, torch._utils._unflatten_dense_tensors(flat, ps)):
                         p.copy_(v)
         for k in self.deferred:
             self.method.after_backward(k)
         self.pending = False
+
+
+@torch.no_grad()
+def boundary_dtype(net, k, amp_dtype, autocast, device):
+    """The dtype module k receives in the sequential run: float32, or what autocast makes of module k-1's output
+    (activations travel as float32, losslessly, and are cast back to it). One eval-mode pass on two samples."""
+    if k == 0 or amp_dtype is None:
+        return torch.float32
+    was = net.training
+    net.eval()
+    h = torch.zeros(2, *net.input_shape, device=device)
+    with autocast:
+        for j in range(k):
+            h = net.run(h, j)
+    net.train(was)
+    return h.dtype
+
+
+def cpu_state(state):
+    """A state dict with its tensors on the CPU (to gather it on another rank)."""
+    if torch.is_tensor(state):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: cpu_state(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(cpu_state(v) for v in state)
+    return state
 
 
 def check_pipeline(args, net, chain, S):
@@ -2736,6 +2803,9 @@ def run_pipeline(args, spec, net, method, device, channels_last=False):
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     cost = "by hand (--stages)"
+    ck = load_checkpoint(args) if args.resume else None
+    if sizes is None and ck is not None:
+        sizes, cost = ck.get("stages"), "as saved in --resume"
     if sizes is None:   # rank 0 times the modules; every rank takes its partition
         box = [balance(module_seconds(net, method, autocast, args.batch_size), S) if rank == 0 else None]
         dist.broadcast_object_list(box, 0)
@@ -2746,10 +2816,10 @@ def run_pipeline(args, spec, net, method, device, channels_last=False):
     gen.manual_seed(args.seed)
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
     bench = args.bench > 0
+    warm = max(2, args.mem_iters + (compiled is not None))  # --bench: untimed iterations (as bench())
     if st.first:
         if bench:
-            train = synthetic_loader(spec, args.batch_size, device, gen, max(2, args.mem_iters) + args.bench,
-                                     cl=channels_last)
+            train = synthetic_loader(spec, args.batch_size, device, gen, warm + args.bench, cl=channels_last)
             test = None
         else:
             train, test = load_data(args, spec, device, gen, cl=channels_last)
@@ -2761,16 +2831,17 @@ def run_pipeline(args, spec, net, method, device, channels_last=False):
     box = [info]
     dist.broadcast_object_list(box, 0)
     train_sizes, test_sizes, n_train = box[0]
+    if not train_sizes:
+        raise UserError("no training batch: the training set is smaller than 2 images")
     x_shape = net.input_shape
     h_shape = net.unit_shapes[net.bounds[st.modules[0]][0] - 1] if not st.first else None
+    h_dtype = boundary_dtype(net, st.modules[0], dtype, autocast, device)
     hand = method.hands_off
     if not bench:
-        print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items() if k not in all_options()) + " " +
-              " ".join(f"{k}={v}" for k, v in vars(method.opts).items() if k not in CONTEXT and k != "chain") +
-              f" world_size={S} modules={net.K} stages={sizes} ({cost}) train_images={n_train}", flush=True)
+        print_config(args, method, device=str(device), world_size=S, modules=net.K, stages=f"{sizes} ({cost})",
+                     train_images=n_train)
     start_epoch, best, history, t_done = 1, 0.0, [], 0
-    if args.resume:
-        ck = load_checkpoint(args)
+    if ck is not None:
         if ck.get("stages") != sizes:
             raise UserError(f"--resume {args.resume}: saved with stages {ck.get('stages')}, this run {sizes}")
         net.load_state_dict(ck["net"])
@@ -2796,26 +2867,26 @@ def run_pipeline(args, spec, net, method, device, channels_last=False):
         method.train()
         meter = ActivationMeter(st.params)
         stats = torch.zeros(2 * len(st.modules), device=device)
-        busy, seen, timed_from = 0.0, 0, None
+        busy, seen, timed_from, st.waited = 0.0, 0, None, 0.0
         it = iter(train) if st.first else None
         nxt = None if st.first else st.post_recv(train_sizes[0], device, x_shape, h_shape, hand)
         t0 = time.time()
         for i, B in enumerate(train_sizes):
-            if bench and i == max(2, args.mem_iters):        # --bench: time the steady state only
+            if bench and i == warm:                          # --bench: time the steady state only
                 dist.barrier()
-                timed_from, busy = time.time(), 0.0
+                timed_from, busy, st.waited = time.time(), 0.0, 0.0
             if st.first:
                 x, y = next(it)
                 h, handoff = x, None
             else:
                 bufs, works = nxt
-                t_wait = time.time()
                 for w in works:
                     w.wait()
-                busy -= time.time() - t_wait
+                # (the dtype and layout the sequential run computes in: bf16 activations travel as fp32, exactly)
                 x, y, h = (t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
-                           for t in bufs[:3])                # (the layout the sequential run computes in)
-                handoff = bufs[4] if hand and bufs[3].item() else None
+                           for t in bufs[:3])
+                h = h.to(h_dtype)
+                handoff = bufs[4].to(h_dtype) if hand and bufs[3].item() else None
                 if i + 1 < len(train_sizes):                 # receive the next batch while computing this one
                     nxt = st.post_recv(train_sizes[i + 1], device, x_shape, h_shape, hand)
             t_b = time.time()
@@ -2831,7 +2902,7 @@ def run_pipeline(args, spec, net, method, device, channels_last=False):
                 if hand:
                     t = method.handoff()
                     out += [torch.ones(1, device=device) if t is not None else torch.zeros(1, device=device),
-                            t.detach() if t is not None else torch.zeros_like(h)]
+                            t.detach().float() if t is not None else torch.zeros_like(out[2])]
                 st.send_on(out)
             st.opt.step()
             t_done += 1
@@ -2840,7 +2911,10 @@ def run_pipeline(args, spec, net, method, device, channels_last=False):
             stats += torch.stack(losses + correct) * torch.tensor([B] * len(losses) + [1] * len(correct),
                                                                     device=device)
             seen += B
+            if device.type == "cuda":                        # (busy time of kernels, not of their launches)
+                torch.cuda.synchronize(device)
             busy += time.time() - t_b
+        busy -= st.waited                                    # waits for messages inside the steps are not busy
         st.send_on([])                                       # (the last batch has left)
         st.apply_deferred(use_local=t_done == first_batch + 1)   # the epoch's last deferred EMA update
         # ---- every stage's numbers to every rank (this also waits for the last stage: the epoch's end), then
@@ -2850,7 +2924,8 @@ def run_pipeline(args, spec, net, method, device, channels_last=False):
         secs = time.time() - (timed_from or t0)
         if bench:
             return pipeline_bench_result(args, spec, net, method, sizes, rows, secs, device, st)
-        test_acc = evaluate_pipeline(st, net, test, test_sizes, device, x_shape, h_shape, autocast, channels_last)
+        test_acc = evaluate_pipeline(st, net, test, test_sizes, device, x_shape, h_shape, h_dtype, autocast,
+                                     channels_last)
         best = max(best, test_acc)
         flat_loss = [v for r in rows for v in r["stats"][:len(r["stats"]) // 2]]
         flat_corr = [v for r in rows for v in r["stats"][len(r["stats"]) // 2:]]
@@ -2864,9 +2939,9 @@ def run_pipeline(args, spec, net, method, device, channels_last=False):
         per = " ".join(f"{r:.0f}|{a / MiB:.1f}" for r, a in zip(row["stage_img_s"], row["stage_act_peak_bytes"]))
         print(f"{epoch:>4} {lr:7.4f} {loss:7.4f} {train_acc:6.2f} {test_acc:6.2f} {best:6.2f} {seen / secs:7.0f} "
               f"{secs:6.1f}  {per}", flush=True)
-        if args.save:
-            states = [None] * S
-            dist.all_gather_object(states, dict(state=st.owned_state(), opt=st.opt.state_dict()))
+        if args.save:   # every stage's parameters, buffers and optimizer state (on the CPU) to rank 0, which writes
+            states = [None] * S if st.first else None
+            dist.gather_object(dict(state=st.owned_state(), opt=cpu_state(st.opt.state_dict())), states, dst=0)
             if st.first:
                 full = dict(net=net.state_dict(), method=method.state_dict())
                 for r in states:
@@ -2877,19 +2952,15 @@ def run_pipeline(args, spec, net, method, device, channels_last=False):
                                  cpu_rng=torch.get_rng_state(), epoch=epoch, best=best, history=history,
                                  batches=t_done, stages=sizes, args=vars(args)), args.save)
     last = history[-1] if history else {}
-    result = dict(method=args.method, dataset=args.dataset, arch=args.arch, K=args.K, modules=net.K, seed=args.seed,
-                  epochs=args.epochs, base=args.base, batch_size=args.batch_size, lr=args.lr, device=str(device),
-                  world_size=S, pipeline=True, stages=sizes, final_acc=last.get("test_acc"), best_acc=best,
-                  module_acc=last.get("aux_acc"), train_img_s=last.get("img_s"),
-                  stage_img_s=last.get("stage_img_s"), stage_act_peak_bytes=last.get("stage_act_peak_bytes"),
-                  summary=method.summary(), wall_s=time.time() - t_start,
-                  history=[{k: h[k] for k in ("epoch", "loss", "train_acc", "test_acc")} for h in history])
+    result = run_result(args, net, method, device, S, history, best, t_start, pipeline=True, stages=sizes,
+                        train_img_s=last.get("img_s"), stage_img_s=last.get("stage_img_s"),
+                        stage_act_peak_bytes=last.get("stage_act_peak_bytes"))
     emit(result, args.out if st.first else None)
     return result
 
 
 @torch.no_grad()
-def evaluate_pipeline(st, net, loader, sizes, device, x_shape, h_shape, autocast, channels_last=False):
+def evaluate_pipeline(st, net, loader, sizes, device, x_shape, h_shape, h_dtype, autocast, channels_last=False):
     """Test accuracy through the stages: rank 0 feeds the test batches, the last stage counts."""
     net.eval()
     correct = torch.zeros((), device=device)
@@ -2902,6 +2973,7 @@ def evaluate_pipeline(st, net, loader, sizes, device, x_shape, h_shape, autocast
             y, h = torch.empty(B, dtype=torch.long, device=device), torch.empty(B, *h_shape, device=device)
             dist.recv(y, st.rank - 1, tag=3)
             dist.recv(h, st.rank - 1, tag=3)
+            h = h.to(h_dtype)
             if channels_last and h.dim() == 4:
                 h = h.contiguous(memory_format=torch.channels_last)
         with autocast:
@@ -2947,7 +3019,7 @@ def resolve_config(args):
     # ImageNet: each paper's protocol (the outermost method of the chain that has one), else the dataset's.
     proto = next((METHODS[n].imagenet_protocol for n in chain if METHODS[n].imagenet_protocol), {}) \
         if spec.schedule == "imagenet" else {}
-    args.batch_size = args.batch_size or proto.get("batch_size", spec.batch)
+    args.batch_size = proto.get("batch_size", spec.batch) if args.batch_size is None else args.batch_size
     args.lr = proto.get("lr", spec.lr) if args.lr is None else args.lr
     args.epochs = proto.get("epochs", spec.epochs) if args.epochs is None else args.epochs
     args.warmup_epochs = (10 if spec.schedule == "cifar" else 0) if args.warmup_epochs is None else args.warmup_epochs
@@ -2962,6 +3034,10 @@ def resolve_config(args):
             raise UserError(f"{flag} {path}: folder {os.path.dirname(os.path.abspath(path))} does not exist")
     if args.resume and not os.path.isfile(args.resume):
         raise UserError(f"--resume {args.resume}: no such file")
+    if args.stages and not args.pipeline:
+        raise UserError("--stages sets the cut of --pipeline; add --pipeline (under torchrun)")
+    if args.bench and (args.save or args.resume):
+        raise UserError("--bench trains on synthetic data and saves nothing: drop --save/--resume")
     return spec
 
 
@@ -2993,7 +3069,7 @@ def print_splits(net, method):
 
 # Flags that may differ between a run and its resumption (where files are, how much is logged).
 RESUME_FREE = {"save", "resume", "out", "log_secs", "workers", "device", "data_dir", "mem_iters", "no_download",
-               "report", "report_run", "print_splits"}
+               "report", "report_run", "print_splits", "compile", "stages"}   # (--pipeline checks its stages)
 
 
 def atomic_save(obj, path):
@@ -3023,6 +3099,9 @@ def run(args):
     if args.pipeline:
         return run_pipeline(args, spec, net, method, device, channels_last)
     if ddp is not None:
+        if args.batch_size < 2 * ddp.world:
+            raise UserError(f"--batch-size {args.batch_size} is the global batch: at least 2 images per process "
+                            f"(train-mode BatchNorm), i.e. >= {2 * ddp.world} for {ddp.world} processes")
         ddp.prepare(net, method, args.sync_bn)
     rank, world = (ddp.rank, ddp.world) if ddp is not None else (0, 1)
     compiled = compile_modules(net, method, args.compile, device) if args.compile else None
@@ -3042,14 +3121,9 @@ def run(args):
         return bench(args, spec, net, method, opt, scaler, autocast, spec_t, params, device, loader, sync, ddp, compiled)
 
     train_loader, test_loader = load_data(args, spec, device, gen, rank, world, channels_last)
-    cfg = {k: v for k, v in vars(args).items() if k not in all_options()}      # method options: resolved values
-    cfg.update({k: v for k, v in vars(method.opts).items() if k not in CONTEXT and k != "chain"})
-    cfg.update(device=str(device), world_size=world, modules=net.K, train_images=len(train_loader.labels),
-               params_backbone=sum(p.numel() for p in net.parameters()),
-               params_aux=sum(p.numel() for p in method.parameters()))
-    print("config: " + " ".join(f"{k}={v}" for k, v in cfg.items()), flush=True)
-    if method.summary():
-        print(f"{args.method}: {method.summary()}", flush=True)
+    print_config(args, method, device=str(device), world_size=world, modules=net.K,
+                 train_images=len(train_loader.labels), params_backbone=sum(p.numel() for p in net.parameters()),
+                 params_aux=sum(p.numel() for p in method.parameters()))
 
     start_epoch, best, history = 1, 0.0, []
     if args.resume:
@@ -3106,17 +3180,32 @@ def run(args):
                              epoch=epoch, best=best, history=history, args=vars(args)), args.save)
 
     last = history[-1] if history else {}
-    result = dict(method=args.method, dataset=args.dataset, arch=args.arch, K=args.K, modules=K, seed=args.seed,
-                  epochs=args.epochs, base=args.base, batch_size=args.batch_size, lr=args.lr, device=str(device),
-                  world_size=world, final_acc=last.get("test_acc"), best_acc=best, module_acc=last.get("aux_acc"),
-                  act_peak_bytes=max((h["act_peak_bytes"] for h in history), default=None),
-                  cuda_peak_alloc=last.get("cuda_peak_alloc"), cuda_peak_reserved=last.get("cuda_peak_reserved"),
-                  **state_bytes(params, opt),
-                  train_img_s=(train_seen / train_time) if train_time else None, summary=method.summary(),
-                  wall_s=time.time() - t_start, history=[{k: h[k] for k in ("epoch", "loss", "train_acc",
-                                                                              "test_acc")} for h in history])
+    result = run_result(args, net, method, device, world, history, best, t_start,
+                        act_peak_bytes=max((h["act_peak_bytes"] for h in history), default=None),
+                        cuda_peak_alloc=last.get("cuda_peak_alloc"), cuda_peak_reserved=last.get("cuda_peak_reserved"),
+                        **state_bytes(params, opt), train_img_s=(train_seen / train_time) if train_time else None)
     emit(result, args.out if rank == 0 else None)
     return result
+
+
+def run_result(args, net, method, device, world, history, best, t_start, **extra):
+    """The final JSON line of a training run (`extra`: what the kind of run measures)."""
+    last = history[-1] if history else {}
+    return dict(method=args.method, dataset=args.dataset, arch=args.arch, K=args.K, modules=net.K, seed=args.seed,
+                epochs=args.epochs, base=args.base, batch_size=args.batch_size, lr=args.lr, device=str(device),
+                world_size=world, final_acc=last.get("test_acc"), best_acc=best, module_acc=last.get("aux_acc"),
+                **extra, summary=method.summary(), wall_s=time.time() - t_start,
+                history=[{k: h[k] for k in ("epoch", "loss", "train_acc", "test_acc")} for h in history])
+
+
+def print_config(args, method, **extra):
+    """The resolved config, one line (flags, then method options as resolved, then `extra`), and the method's
+    resolved settings (e.g. InfoPro's loss weights per module)."""
+    cfg = {k: v for k, v in vars(args).items() if k not in all_options()}      # method options: resolved values
+    cfg.update({k: v for k, v in vars(method.opts).items() if k not in CONTEXT and k != "chain"}, **extra)
+    print("config: " + " ".join(f"{k}={v}" for k, v in cfg.items()), flush=True)
+    if method.summary():
+        print(f"{args.method}: {method.summary()}", flush=True)
 
 
 def load_checkpoint(args):
@@ -3270,7 +3359,7 @@ def report(path, run_line=None):
             lines = [(i + 1, json.loads(l)) for i, l in enumerate(f) if l.strip()]
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"--report {path}: {e}")
-    runs = [(i, r) for i, r in lines if not r.get("bench") and r.get("final_acc") is not None]
+    runs = [(i, r) for i, r in lines if not r.get("bench") and not r.get("pipeline") and r.get("final_acc") is not None]
     benches = [r for _, r in lines if r.get("bench") and not r.get("pipeline") and r.get("world_size", 1) == 1]
     if not runs and not benches:
         raise UserError(f"--report {path}: no training runs or bench lines in the file")
@@ -3349,8 +3438,9 @@ def main(argv=None):
             return report(args.report, args.report_run)
         return run(args)
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":             # under torchrun every rank stops; rank 0 says why
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        rank = os.environ.get("RANK", "0")                 # under torchrun every rank stops; rank 0 says why
+        if rank == "0" or e.every_rank:
+            print(f"error: {'' if rank == '0' else f'rank {rank}: '}{e}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

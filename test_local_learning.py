@@ -3,6 +3,7 @@
 Tiny datasets are written here in the real torchvision on-disk formats (CIFAR pickles, SVHN .mat, STL-10 .bin)
 and as an ImageFolder tree of PNGs. Numbers pinned below come from ../shared/specs/infopro_dgl_man.md.
 """
+import contextlib
 import json
 import math
 import os
@@ -415,6 +416,8 @@ def cli(*argv, cwd=None):
     (["--save", "EMPTY/no/dir/ck.pt"], "does not exist"),
     (["--out", "EMPTY/no/dir/r.jsonl"], "does not exist"),
     (["--subset", "1"], "at least 2"),
+    (["--stages", "2,2"], "add --pipeline"),
+    (["--bench", "2", "--save", "EMPTY/ck.pt"], "drop --save/--resume"),
 ])
 def test_bad_input_one_line_nonzero_exit(argv, message, tmp_path):
     argv = [a.replace("EMPTY", str(tmp_path)) for a in argv]
@@ -843,8 +846,10 @@ def test_report_renders_papers_layout(tmp_path, capsys):
     rows = [_result("bp", 0, 93.0, K=1, img_s=200, act=4e8), _result("bp", 1, 92.0, K=1, img_s=200, act=4e8),
             _result("dgl", 0, 85.0, act=1e8, img_s=100), _result("dgl", 1, 87.0, act=1e8, img_s=100),
             _result("man", 0, 90.0, K=16, base="dgl", modules=15, act=2e8, img_s=50)]
+    pipe = dict(_result("dgl", 2, 10.0), pipeline=True, stage_img_s=[1, 1])  # a --pipeline run: not in the tables
+    del pipe["act_peak_bytes"]
     path = tmp_path / "r.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    path.write_text("\n".join(json.dumps(r) for r in rows + [pipe]) + "\n")
     text = L.main(["--report", str(path)])
     lines = text.splitlines()
     assert "| method | resnet32 K=16 |" in lines
@@ -1375,7 +1380,8 @@ def test_pipeline_resume_equals_uninterrupted(cifar_dir, tmp_path):
     run(argv(a), None)
     run(argv(b), 2)                                       # stopped in epoch 2: the checkpoint holds epoch 1
     assert torch.load(b, weights_only=False)["epoch"] == 1
-    run(argv(b, "--resume", b), None)
+    resume = [v for v in argv(b, "--resume", b) if v not in ("--stages", "3,5")]
+    run(resume, None)                                     # (the saved stages, without --stages)
     ca, cb = torch.load(a, weights_only=False), torch.load(b, weights_only=False)
     keep = lambda h: [(r["epoch"], r["loss"], r["train_acc"], r["test_acc"], r["aux_acc"]) for r in h]
     assert keep(ca["history"]) == keep(cb["history"]) and ca["epoch"] == cb["epoch"] == 3
@@ -1400,6 +1406,18 @@ def test_pipeline_refusal_is_one_line_under_torchrun(cifar_dir):
     r = _torchrun(*train_args(cifar_dir, "--method", "mlaan", "--pipeline"))
     assert r.returncode != 0 and "error: --pipeline: MLAAN's cascade backpropagates" in r.stderr
     assert r.stderr.count("error: --pipeline") == 1
+    r = _torchrun(*train_args(cifar_dir, "--method", "dgl", "--batch-size", "3"))    # data parallel: 2 per rank
+    assert r.returncode != 0 and r.stderr.count("error: --batch-size 3 is the global batch") == 1
+
+
+def test_pipeline_boundary_dtype_is_the_sequential_runs():
+    """Activations travel as float32; a stage casts them back to what its first module receives sequentially."""
+    net = L.LocalNet.resnet("resnet20", 10, L.split_ends("resnet20", 4), 32)
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    assert L.boundary_dtype(net, 2, torch.bfloat16, bf16, torch.device("cpu")) == torch.bfloat16
+    assert L.boundary_dtype(net, 2, None, contextlib.nullcontext(), torch.device("cpu")) == torch.float32
+    assert L.boundary_dtype(net, 0, torch.bfloat16, bf16, torch.device("cpu")) == torch.float32
+    assert net.training
 
 
 def test_balance_minimises_the_largest_stage():
