@@ -94,6 +94,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def first_line(e, limit=200):
+    """The first line of an exception's message (library errors can span many lines)."""
+    return (str(e).splitlines() or [""])[0][:limit]
+
+
 class UserError(Exception):
     """A mistake in the command line or the data: printed as one line `error: ...`, exit status 2. Under torchrun
     rank 0 prints it, or the rank it concerns (`every_rank`: a problem of that rank alone, e.g. its device)."""
@@ -275,7 +280,7 @@ def reading(path, what):
     except UserError:
         raise
     except Exception as e:
-        reason = (str(e).splitlines() or [""])[0][:200]
+        reason = first_line(e)
         raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {reason}); the file is corrupt or "
                         f"truncated -- delete it and run again to download it anew (torchvision checks the "
                         f"archive's md5), or replace it")
@@ -347,7 +352,7 @@ def load_torchvision(name, root, allow_download):
         try:
             _download(name, root)
         except Exception as e:  # offline, proxy, disk full...: one line, no traceback
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            reason = f"{type(e).__name__}: {first_line(e)}"
             missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
             raise UserError(f"{name}: missing {', '.join(missing)} in {folder} and the download failed ({reason}); "
                             f"put torchvision's {name} files there (or point --data-dir at them)")
@@ -373,7 +378,7 @@ def load_image(path, convert=None):
         with Image.open(path) as im:
             im = im.convert("RGB")
     except Exception as e:
-        raise UserError(f"{path}: unreadable image ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); "
+        raise UserError(f"{path}: unreadable image ({type(e).__name__}: {first_line(e)}); "
                         f"delete or replace it")
     return convert(im) if convert else im
 
@@ -389,7 +394,7 @@ def _image_folders(root):
         train = tvd.ImageFolder(dirs[0], loader=load_image)
         val = tvd.ImageFolder(dirs[1], loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:
-        raise UserError(f"{root}: {str(e).splitlines()[0]}")
+        raise UserError(f"{root}: {first_line(e)}")
     # Val labels follow the train folder's class order, whatever classes val happens to contain.
     unknown = sorted(set(val.classes) - set(train.classes))
     if unknown:
@@ -447,6 +452,16 @@ def augment(x, spec, gen, n=None, part=slice(None)):
     return x
 
 
+def norm_tensors(spec, device):
+    """The dataset's per-channel mean and std as 1 x 3 x 1 x 1 tensors on `device`."""
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
+
+
+def global_batch_size(n, batch_size, it):
+    """Size of global batch `it` of an epoch over n samples (the last one may be smaller)."""
+    return min(batch_size, n - it * batch_size)
+
+
 def shard(n, rank, world):
     """This rank's contiguous part of a global batch of n samples (part sizes differ by at most one)."""
     return slice(rank * n // world, (rank + 1) * n // world)
@@ -462,16 +477,13 @@ class DeviceLoader:
         self.images, self.labels, self.spec, self.bs = images, labels, spec, batch_size
         self.train, self.augment_on, self.gen, self.channels_last = train, augment_on, gen, channels_last
         self.rank, self.world = rank, world
-        dev = images.device
-        self.mean = torch.tensor(spec.mean, device=dev).view(1, 3, 1, 1)
-        self.std = torch.tensor(spec.std, device=dev).view(1, 3, 1, 1)
+        self.mean, self.std = norm_tensors(spec, images.device)
 
     def __len__(self):
         return math.ceil(len(self.labels) / self.bs)
 
     def global_batch(self, it):
-        """Size of global batch `it` (the last one may be smaller)."""
-        return min(self.bs, len(self.labels) - it * self.bs)
+        return global_batch_size(len(self.labels), self.bs, it)
 
     def __iter__(self):
         n = len(self.labels)
@@ -534,7 +546,7 @@ class HostLoader:
         return len(self.dl)
 
     def global_batch(self, it):
-        return min(self.bs, len(self.labels) - it * self.bs)
+        return global_batch_size(len(self.labels), self.bs, it)
 
     def __iter__(self):
         try:
@@ -1073,7 +1085,7 @@ class AugLocalAux(nn.Module):
                 self.blocks.train()
             except RuntimeError as e:
                 raise UserError(f"--method auglocal: the copies of units {self.selected} do not chain on the output "
-                                f"of unit {L} ({'x'.join(map(str, shapes[L]))}): {str(e).splitlines()[0]}")
+                                f"of unit {L} ({'x'.join(map(str, shapes[L]))}): {first_line(e)}")
             cur = out.shape[1] if out.dim() == 4 else out.shape[-1]
         bn = depth <= 1 and family(net.arch) == "cifar"   # (the CIFAR code's head; not its ImageNet code's)
         self.head = nn.Sequential(*([nn.BatchNorm1d(cur)] if bn else []), nn.Linear(cur, num_classes))
@@ -1192,12 +1204,16 @@ class AugLocalDGLAux(nn.Module):
 # A method owns the auxiliary nets of the K-1 local modules and defines their loss. The shared training step
 # (section 7) calls, for each module k:
 #     method.start_module(k, h_in)                   hook: module k is about to run on the detached input h_in
+#     h = method.run_module(net, k, h_in)            module k's forward (MLAAN keeps the stem's output)
 #     z = method.aux_input(k, h)                     what the aux net reads (MAN adds its EMA/bias branches here)
 #     loss, logits = method.local_loss(k, z, batch)  (the last module: method.final_loss, the network's own head)
 #     method.backward(k, loss, h_in, h, scaler)      how the loss is backpropagated (SGR adds its term here)
+#     method.zero_grad_parts(k, loss)                parts the originals give a zero gradient (0 * loss terms)
 #     method.after_backward(k)                       hook: e.g. EMA updates, right after module k's backward
 # `needs_input_grad(k)` asks the step to hand module k an input that requires grad (gradient-based add-ons);
 # `module_needs_graph(k)` = False runs module k's forward without a graph (its loss does not use it).
+# Module parallelism (section 9) also uses `hands_off`/`handoff()`/`receive(t)` (a tensor that travels with the
+# activation: SGR's gradient) and `reads_after_backward(k)` (MAN reads the next module's first block).
 #
 # Options. Each method declares the options it introduces (`options`); they become command-line flags and the
 # keywords of `attach`. Their values are resolved in ONE place, `method_options` (end of this section): what the
@@ -2045,6 +2061,7 @@ class SGR(AddOn):
     name = "sgr"
     # Not MLAAN: its losses reach the module's input through the cascade re-run, not through h_{j-1}.
     bases, default_base = ("greedy", "dgl", "predsim", "infopro", "auglocal", "man"), "infopro"
+    hands_off = True                                        # b_{j-1} travels with the activation between stages
 
     options = dict(
         sgr_weight=Opt(0.1, "SGR: weight lambda of the reconciliation term", type=float, lo=0),
@@ -2084,8 +2101,6 @@ class SGR(AddOn):
         if k == 0:
             self.target = None                              # module 1 has no predecessor
         self.base.start_module(k, h_in)
-
-    hands_off = True                                        # b_k travels with the activation between stages
 
     def handoff(self):
         return self.target
@@ -2422,11 +2437,12 @@ def train_step(net, method, opt, batch, scaler=None, autocast=None, meter=None, 
 
 def train_epoch(net, method, opt, loader, scaler, autocast, spec_t, params, mem_iters, log_secs, epoch, epochs,
                 sync=None, compiled=None):
-    """One epoch. Host syncs happen only at progress lines and at the end (stats are summed on the device)."""
+    """One epoch. Host syncs happen only at progress lines and at the end (stats are summed on the device).
+    Returns the summed stats, images and steps trained, seconds and the activation peak."""
     net.train()
     method.train()
     mean, std = spec_t
-    stats, seen, t0, last_log = None, 0, time.time(), time.time()
+    stats, seen, steps, t0, last_log = None, 0, 0, time.time(), time.time()
     meter = ActivationMeter(params)
     n_iters = len(loader)
     for it, (x, y) in enumerate(loader):
@@ -2434,7 +2450,7 @@ def train_epoch(net, method, opt, loader, scaler, autocast, spec_t, params, mem_
                        sync, len(y) / loader.global_batch(it), compiled)
         s = torch.cat([s[:1] * len(y), s[1:2], s[2:]])
         stats = s if stats is None else stats + s
-        seen += len(y)
+        seen, steps = seen + len(y), steps + 1
         if time.time() - last_log > log_secs and it + 1 < n_iters:
             last_log = time.time()
             loss = stats[0].item() / seen
@@ -2443,7 +2459,7 @@ def train_epoch(net, method, opt, loader, scaler, autocast, spec_t, params, mem_
             eta = (n_iters - it - 1) * (last_log - t0) / (it + 1)
             print(f"  epoch {epoch}/{epochs} iter {it + 1}/{n_iters}  loss {loss:.4f}  {rate:.0f} img/s  "
                   f"eta {eta:.0f}s{'  (rank 0)' if sync is not None else ''}", flush=True)
-    return stats, seen, time.time() - t0, meter.peak
+    return stats, seen, steps, time.time() - t0, meter.peak
 
 
 def check_finite(loss, epoch, it=None):
@@ -2533,8 +2549,8 @@ class GradAverager:
     by n_r / N before the sum: the result is the mean over the global batch of N, even when N is not a multiple
     of the world size."""
 
-    def __init__(self, params, world):
-        self.params, self.world = [p for p in params if p.requires_grad], world
+    def __init__(self, params):
+        self.params = [p for p in params if p.requires_grad]
         self.buckets, self.pending = None, []
         self.last, self.current, self.hooks = {}, 0, []
 
@@ -2672,7 +2688,7 @@ class Stage:
     """Rank s of a pipeline: its modules, the parameters and aux nets it owns, its optimizer, and its links."""
 
     def __init__(self, net, method, args, sizes, rank):
-        self.net, self.method, self.rank, self.S, self.sizes = net, method, rank, len(sizes), sizes
+        self.net, self.method, self.rank, self.S = net, method, rank, len(sizes)
         lo = sum(sizes[:rank])
         self.modules = range(lo, lo + sizes[rank])
         self.first, self.last = rank == 0, rank == len(sizes) - 1
@@ -2814,7 +2830,7 @@ def run_pipeline(args, spec, net, method, device, channels_last=False):
     compiled = compile_modules(net, method, args.compile, device) if args.compile else None
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed)
-    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
+    mean, std = norm_tensors(spec, device)
     bench = args.bench > 0
     warm = max(2, args.mem_iters + (compiled is not None))  # --bench: untimed iterations (as bench())
     if st.first:
@@ -3106,15 +3122,14 @@ def run(args):
     rank, world = (ddp.rank, ddp.world) if ddp is not None else (0, 1)
     compiled = compile_modules(net, method, args.compile, device) if args.compile else None
     params = list(net.parameters()) + list(method.parameters())
-    sync = GradAverager(params, world) if ddp is not None else None
+    sync = GradAverager(params) if ddp is not None else None
     opt = make_sgd(params, args.lr, args.wd)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed)
-    spec_t = (torch.tensor(spec.mean, device=device).view(1, 3, 1, 1),
-              torch.tensor(spec.std, device=device).view(1, 3, 1, 1))
+    spec_t = norm_tensors(spec, device)
     if args.bench:
         loader = synthetic_loader(spec, args.batch_size, device, gen, max(2, args.mem_iters + 1) + args.bench, rank,
                                   world, channels_last)
@@ -3148,7 +3163,7 @@ def run(args):
             g["lr"] = lr
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        stats, seen, secs, act_peak = train_epoch(net, method, opt, train_loader, scaler, autocast, spec_t, params,
+        stats, seen, steps, secs, act_peak = train_epoch(net, method, opt, train_loader, scaler, autocast, spec_t, params,
                                                   args.mem_iters, args.log_secs if rank == 0 else math.inf, epoch,
                                                   args.epochs, sync, compiled)
         cuda_alloc = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -3167,7 +3182,7 @@ def run(args):
         train_time += secs
         train_seen += seen
         row = dict(epoch=epoch, lr=lr, loss=loss, train_acc=train_acc, test_acc=test_acc, aux_acc=aux,
-                   local_loss=[v / len(train_loader) / world for v in s[2:2 + (K - 1)]], act_peak_bytes=act_peak,
+                   local_loss=[v / steps / world for v in s[2:2 + (K - 1)]], act_peak_bytes=act_peak,
                    cuda_peak_alloc=cuda_alloc, cuda_peak_reserved=cuda_res, img_s=seen / secs, sec=secs)
         history.append(row)
         aux_s = " ".join("  -" if a is None else f"{a:3.0f}" for a in aux)
@@ -3288,7 +3303,7 @@ def emit(result, out):
 
 def bench_label(r):
     """method[+base] and the options that distinguish a row (e.g. auglocal d=3 pyramid=0.5)."""
-    opts = {k: v for k, v in (r.get("options") or {}).items() if k not in ("local_loss",) or r["method"] != "bp"}
+    opts = {k: v for k, v in (r.get("options") or {}).items() if not (k == "local_loss" and r["method"] == "bp")}
     short = dict(aux_depth="d", pyramid="pyramid", dgl_head="head", local_loss="loss")
     return r["method"] + (f"+{r['base']}" if r.get("base") else "") + \
         "".join(f" {short.get(k, k)}={v}" for k, v in sorted(opts.items()))
@@ -3307,7 +3322,7 @@ def report_bench(rows):
         for r in plain:
             for c in (cols if r["method"] == "bp" else [(r["arch"], r["K"])]):
                 if c[0] == r["arch"]:
-                    cell.setdefault((bench_label(r), c), {})["compiled" if r.get("compiled") else "eager"] = r
+                    cell.setdefault((bench_label(r), c), {})["compiled" if r.get("compile") else "eager"] = r
         labels = list(dict.fromkeys(["bp"] + [bench_label(r) for r in plain]))
         threads = sorted({r.get("threads") for r in rs})
         per = ["modules", "act. MiB (vs BP)"] + (["CUDA peak MiB"] if cuda else []) + ["img/s eager (vs BP)",
@@ -3332,7 +3347,7 @@ def report_bench(rows):
                 if cuda:
                     cells.append(f"{r['cuda_peak_alloc'] / MiB:.0f}" if r.get("cuda_peak_alloc") else "")
                 cells += [f"{e['img_s']:.0f}" + vs(b["img_s"] if b else 1, e["img_s"]) if e else "",
-                          f"{cp['img_s']:.0f}" if cp else ""]
+                          "" if cp is None else f"{cp['img_s']:.0f}" if cp.get("compiled") else "(eager fallback)"]
             out.append(f"| {lab} | " + " | ".join(cells) + " |")
         out += ["", "act. MiB = peak bytes autograd holds for backward (the activation meter); vs BP = relative to BP "
                 "of the same arch; img/s overhead = BP img/s / img/s - 1.", ""]

@@ -1137,7 +1137,7 @@ def _ddp_train(net, m, rank, world, steps, eval_bn, sync=True, N=9, dtype=torch.
     net.to(dtype), m.to(dtype)
     params = list(net.parameters()) + list(m.parameters())
     opt = torch.optim.SGD(params, lr=0.005 if eval_bn else 0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    averager = L.GradAverager(params, world) if sync else None
+    averager = L.GradAverager(params) if sync else None
     scaler, ac = torch.amp.GradScaler("cpu", enabled=False), torch.autocast("cpu", enabled=False)
     g, grads = torch.Generator().manual_seed(1), []
     if eval_bn:   # BatchNorm on running statistics set from one full calibration batch (the same on every rank)
@@ -1585,21 +1585,24 @@ def test_compile_falls_back_or_refuses_in_one_line(capsys):
         "(use --compile default)"
 
 
-def _bench_row(method, K, img_s, act_mib, compiled=False, base=None, modules=None, **kw):
+def _bench_row(method, K, img_s, act_mib, compiled=False, base=None, modules=None, compile=None, **kw):
     return dict(bench=True, method=method, base=base, arch="resnet32", K=K, modules=modules or K, batch=128,
                 device="cpu", device_name="cpu (2 CPUs)", options={}, balanced_memory=False, amp="none", threads=2,
-                img_s=img_s, act_peak_mib=act_mib, act_peak_bytes=act_mib * 2 ** 20, compiled=compiled, **kw)
+                img_s=img_s, act_peak_mib=act_mib, act_peak_bytes=act_mib * 2 ** 20, compiled=compiled,
+                compile="default" if compiled else compile, **kw)
 
 
 def test_report_renders_bench_lines(tmp_path):
     rows = [_bench_row("bp", 1, 200.0, 300.0), _bench_row("dgl", 16, 100.0, 30.0),
-            _bench_row("dgl", 16, 125.0, 30.0, compiled=True), _bench_row("man", 16, 50.0, 60.0, base="dgl", modules=15)]
+            _bench_row("dgl", 16, 125.0, 30.0, compiled=True), _bench_row("man", 16, 50.0, 60.0, base="dgl", modules=15),
+            _bench_row("sgr", 16, 40.0, 60.0, base="dgl"), _bench_row("sgr", 16, 41.0, 60.0, base="dgl", compile="default")]
     path = tmp_path / "b.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     lines = L.main(["--report", str(path)]).splitlines()
     assert "| bp | 1 | 300.0 | 200 |  |" in lines
     assert "| dgl | 16 | 30.0 (-90 %) | 100 (+100 %) | 125 |" in lines
     assert "| man+dgl | 15 | 60.0 (-80 %) | 50 (+300 %) |  |" in lines
+    assert "| sgr+dgl | 16 | 60.0 (-80 %) | 40 (+400 %) | (eager fallback) |" in lines    # --compile fell back
 
 
 def test_run_all_bench_grid(tmp_path):
