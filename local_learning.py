@@ -54,22 +54,24 @@ vectors); InfoPro, PredSim and AugLocal's DGL head need C x H x W maps; AugLocal
 rebuilds them with a `block` factory); MAN copies the next unit; MLAAN needs our ResNets (its leap tables).
 
 Recorded results -- CPU (2 cores), torch 2.14.1. Accuracy: real CIFAR-10 images (the 5,085/1,017-image subset of
-shared/data/cifar10-subset), ResNet-32 K=16, batch 128, lr 0.1, 5 epochs, seed 0 (tiny budget, far below paper
-accuracy). Memory and speed: --bench 8 --batch-size 128. Commands and more rows in README.md "Results".
+shared/data/cifar10-subset), ResNet-32 K=16, batch 128, lr 0.1, 3 epochs with 1 warm-up epoch (the originals'
+schedule compressed: lr 0.01, 0.025, 0), seed 0 -- a tiny budget, far below paper accuracy. Memory and speed:
+--bench 8 --batch-size 128, one process, 2 threads. Commands and more rows in README.md "Results".
 
-    method         test acc %   activation MiB (vs BP)   img/s (2 threads)
-    bp                46.51        303.6                    288
-    greedy            40.61         40.0 (-87 %)            330
-    dgl               37.76         43.7 (-86 %)            222
-    predsim           29.50         48.5 (-84 %)            188
-    infopro           36.09         65.3 (-78 %)             73
-    auglocal d=3      45.03         86.0 (-72 %)             97
-    man + dgl         40.02        125.2 (-59 %)             79
-    man + infopro     35.59        152.6 (-50 %)             45
-    mlaan + greedy    22.42        191.6 (-37 %)             56
-    mlaan + infopro   38.15        297.9 (-2 %)              20
-    sgr + dgl         38.94         86.9 (-71 %)             63
-    sgr + infopro     35.89        126.9 (-58 %)             24
+    method           test acc %   activation MiB (vs BP)   img/s (2 threads)
+    bp                  35.30     303.6                       348
+    greedy              24.39     40.0 (-87 %)                344
+    dgl                 28.22     43.7 (-86 %)                314
+    predsim             17.31     48.5 (-84 %)                186
+    infopro             27.24     65.3 (-78 %)                 99
+    auglocal d=3        31.07     86.0 (-72 %)                119
+    man + dgl           26.55     125.2 (-59 %)               138
+    man + infopro       24.39     152.6 (-50 %)                63
+    mlaan + greedy      34.91     191.6 (-37 %)                60
+    mlaan + dgl         37.27     277.2 (-9 %)                 47
+    mlaan + infopro     29.20     297.9 (-2 %)                 32
+    sgr + dgl           27.04     86.9 (-71 %)                 65
+    sgr + infopro       27.34     126.9 (-58 %)                23
 
 Sections, in reading order: config -> data -> backbone & splits -> auxiliary nets -> methods -> memory meter
 -> training step -> evaluation -> distributed and pipelined execution (skip it on one device) -> main.
