@@ -1535,6 +1535,8 @@ def test_api_errors_for_unsupported_backbones():
         L.attach(torchvision_resnet18(8), "auglocal", aux_depth=3)          # copies of layer2[1] after layer1
     with pytest.raises(L.UserError, match="does not apply"):
         L.attach(torchvision_resnet18(4), "dgl", ema_decay=0.9)
+    with pytest.raises(L.UserError, match="--lambdas does not apply"):     # resolved internally, not an option
+        L.attach(torchvision_resnet18(4), "predsim", lambdas=((0.5, 0.5, 0.5, 0.5), "mine"))
     with pytest.raises(L.UserError, match="impossible"):
         L.LocalNet([nn.Identity()] * 3, nn.Identity(), 5, torch.zeros(1, 4))
     net = tiny_transformer(3)
