@@ -2777,6 +2777,13 @@ def boundary_dtype(net, k, amp_dtype, autocast, device):
     return h.dtype
 
 
+def arrived(t, channels_last, dtype=None):
+    """A received tensor in the layout and dtype the sequential run computes in (activations travel as float32,
+    which holds bf16 exactly)."""
+    t = t if dtype is None else t.to(dtype)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+
 def cpu_state(state):
     """A state dict with its tensors on the CPU (to gather it on another rank)."""
     if torch.is_tensor(state):
@@ -2900,10 +2907,8 @@ def run_pipeline(args, spec, net, method, device, channels_last=False):
                 bufs, works = nxt
                 for w in works:
                     w.wait()
-                # (the dtype and layout the sequential run computes in: bf16 activations travel as fp32, exactly)
-                x, y, h = (t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
-                           for t in bufs[:3])
-                h = h.to(h_dtype)
+                x, y = (arrived(t, channels_last) for t in bufs[:2])
+                h = arrived(bufs[2], channels_last, h_dtype)
                 handoff = bufs[4].to(h_dtype) if hand and bufs[3].item() else None
                 if i + 1 < len(train_sizes):                 # receive the next batch while computing this one
                     nxt = st.post_recv(train_sizes[i + 1], device, x_shape, h_shape, hand)
@@ -2991,9 +2996,7 @@ def evaluate_pipeline(st, net, loader, sizes, device, x_shape, h_shape, h_dtype,
             y, h = torch.empty(B, dtype=torch.long, device=device), torch.empty(B, *h_shape, device=device)
             dist.recv(y, st.rank - 1, tag=3)
             dist.recv(h, st.rank - 1, tag=3)
-            h = h.to(h_dtype)
-            if channels_last and h.dim() == 4:
-                h = h.contiguous(memory_format=torch.channels_last)
+            h = arrived(h, channels_last, h_dtype)
         with autocast:
             for k in st.modules:
                 h = net.run(h, k)
@@ -3010,11 +3013,9 @@ def pipeline_bench_result(args, spec, net, method, sizes, rows, secs, device, st
     """--bench --pipeline: img/s of the whole pipeline (the timed batches through the last stage) and of each
     stage when busy (its compute alone, waits excluded), activation peak per stage."""
     n = args.bench * args.batch_size
-    result = dict(bench=True, pipeline=True, method=args.method, base=args.base, arch=args.arch, K=args.K,
-                  modules=net.K, stages=sizes, batch=args.batch_size, dataset=args.dataset, image_size=spec.size,
-                  device=str(device), world_size=len(sizes), threads=torch.get_num_threads(), iters=args.bench,
-                  img_s=n / secs, stage_img_s=[n / max(r["busy"], 1e-9) for r in rows],
-                  stage_act_peak_mib=[round(r["act"] / MiB, 2) for r in rows], summary=method.summary())
+    result = bench_result(args, spec, net, method, device, len(sizes), secs, pipeline=True, stages=sizes,
+                          stage_img_s=[n / max(r["busy"], 1e-9) for r in rows],
+                          stage_act_peak_mib=[round(r["act"] / MiB, 2) for r in rows])
     emit(result, args.out if st.first else None)
     return result
 
@@ -3267,19 +3268,23 @@ def bench(args, spec, net, method, opt, scaler, autocast, spec_t, params, device
         dist.barrier()
     secs = time.time() - t0
     world = ddp.world if ddp is not None else 1
-    result = dict(bench=True, method=args.method, base=args.base, arch=args.arch, K=args.K, modules=net.K,
-                  batch=args.batch_size, dataset=args.dataset, image_size=spec.size, device=str(device),
-                  device_name=device_name(device), options=given_options(args),
-                  balanced_memory=args.balanced_memory, amp=args.amp,
-                  world_size=world, threads=torch.get_num_threads(), iters=args.bench,
-                  img_s=args.bench * args.batch_size / secs, summary=method.summary(), compile=args.compile,
-                  compiled=compiled is not None, warmup_s=round(t0 - t_warm, 2),
-                  act_peak_bytes=meter.peak, act_peak_mib=round(meter.peak / MiB, 2), **state_bytes(params, opt))
+    result = bench_result(args, spec, net, method, device, world, secs, compiled=compiled is not None,
+                          warmup_s=round(t0 - t_warm, 2), act_peak_bytes=meter.peak,
+                          act_peak_mib=round(meter.peak / MiB, 2), **state_bytes(params, opt))
     if device.type == "cuda":
         result.update(cuda_peak_alloc=torch.cuda.max_memory_allocated(device),
                       cuda_peak_reserved=torch.cuda.max_memory_reserved(device))
     emit(result, args.out if ddp is None or ddp.rank == 0 else None)
     return result
+
+
+def bench_result(args, spec, net, method, device, world, secs, **extra):
+    """The JSON line of a --bench run (`extra`: what the kind of run measures); img/s of the global batch."""
+    return dict(bench=True, method=args.method, base=args.base, arch=args.arch, K=args.K, modules=net.K,
+                batch=args.batch_size, dataset=args.dataset, image_size=spec.size, device=str(device),
+                device_name=device_name(device), options=given_options(args), balanced_memory=args.balanced_memory,
+                amp=args.amp, world_size=world, threads=torch.get_num_threads(), iters=args.bench,
+                img_s=args.bench * args.batch_size / secs, summary=method.summary(), compile=args.compile, **extra)
 
 
 def device_name(device):
