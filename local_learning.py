@@ -497,7 +497,7 @@ class DeviceLoader:
                 break
             part = shard(len(idx), self.rank, self.world)
             idx = idx[part]
-            x = self.images[idx].float().div_(255)
+            x = self.images[idx].to(torch.get_default_dtype()).div_(255)   # (float32 unless a test asks float64)
             if self.train and self.augment_on:
                 x = augment(x, self.spec, self.gen, self.global_batch(i // self.bs), part)
             x = (x - self.mean) / self.std
