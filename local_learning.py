@@ -16,8 +16,8 @@ Module k runs forward -> local loss -> backward -> detach before module k+1 runs
 module k's activations first: peak activation memory is that of the largest module (plus its aux net), not of
 the whole network. All modules and aux nets then take one shared SGD step.
 
-Methods (--method; add-ons take --base, and chain: --method sgr --base man+dgl)
----------------------------------------------------------------------------------
+Methods (--method; add-ons take --base, and chain: --method sgr --base man+dgl), each one class in section 5
+---------------------------------------------------------------------------------------------------------------
     bp        end-to-end backpropagation (K = 1), the baseline every paper compares with
     greedy    Greedy supervised local learning: aux = GAP -> Linear, cross-entropy
     dgl       Decoupled Greedy Learning (Belilovsky et al., ICML 2020): the official "MLP-SR" aux net, CE
@@ -53,32 +53,14 @@ Aux nets are sized from one dry run of the units. Greedy, DGL and SGR accept any
 vectors); InfoPro, PredSim and AugLocal's DGL head need C x H x W maps; AugLocal deep-copies later units (or
 rebuilds them with a `block` factory); MAN copies the next unit; MLAAN needs our ResNets (its leap tables).
 
-Recorded results -- CPU (2 cores), torch 2.14.1. Accuracy: real CIFAR-10 images (the 5,085/1,017-image subset of
-shared/data/cifar10-subset), ResNet-32 K=16, batch 128, lr 0.1, 3 epochs with 1 warm-up epoch (the originals'
-schedule compressed: lr 0.01, 0.025, 0), seed 0 -- a tiny budget, far below paper accuracy. Memory and speed:
---bench 8 --batch-size 128, one process, 2 threads. Commands and more rows in README.md "Results".
-
-    method           test acc %   activation MiB (vs BP)   img/s (2 threads)
-    bp                  35.30     303.6                       348
-    greedy              24.39     40.0 (-87 %)                344
-    dgl                 28.22     43.7 (-86 %)                314
-    predsim             17.31     48.5 (-84 %)                186
-    infopro             27.24     65.3 (-78 %)                 99
-    auglocal d=3        31.07     86.0 (-72 %)                119
-    man + dgl           26.55     125.2 (-59 %)               138
-    man + infopro       24.39     152.6 (-50 %)                63
-    mlaan + greedy      34.91     191.6 (-37 %)                60
-    mlaan + dgl         37.27     277.2 (-9 %)                 47
-    mlaan + infopro     29.20     297.9 (-2 %)                 32
-    sgr + dgl           27.04     86.9 (-71 %)                 65
-    sgr + infopro       27.34     126.9 (-58 %)                23
-
-Sections, in reading order: config -> data -> backbone & splits -> auxiliary nets -> methods -> memory meter
--> training step -> evaluation -> distributed and pipelined execution (skip it on one device) -> main.
+Sections, in reading order: 1 config -> 2 data -> 3 backbone & splits -> 4 auxiliary nets -> 5 methods -> 6 memory
+meter -> 7 training (the step, the epoch) -> 8 evaluation -> 9 distributed and pipelined execution (skip it on one
+device) -> 10 main (the one training loop, results, --report). Recorded results and a reading guide: README.md.
 """
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -87,7 +69,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -102,19 +84,14 @@ def first_line(e, limit=200):
 
 
 class UserError(Exception):
-    """A mistake in the command line or the data: printed as one line `error: ...`, exit status 2. Under torchrun
-    rank 0 prints it, or the rank it concerns (`every_rank`: a problem of that rank alone, e.g. its device)."""
-
-    def __init__(self, message, every_rank=False):
-        super().__init__(message)
-        self.every_rank = every_rank
-
+    """A mistake in the command line or the data: printed as one line `error: ...`, exit status 2."""
 
 # =============================================================================================================
 # 1. Config
 # =============================================================================================================
-# Every flag has help text; defaults that depend on the dataset (batch, lr, epochs) are None here and resolved
-# in `resolve_config` from the dataset table, so that the printed config shows the values actually used.
+# Every flag has help text. Defaults that depend on the dataset, the paper's protocol or the method chain (batch,
+# lr, epochs, warm-up, the methods' own options) are None here and decided once, in `resolve_config`, before
+# anything is built: the printed config shows the values actually used.
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage + error
@@ -126,7 +103,19 @@ def build_parser():
                 "its own aux net and local loss (BP, Greedy SL, DGL, PredSim, InfoPro, AugLocal; add-ons MAN, MLAAN, "
                 "SGR), on CIFAR-10/100, SVHN, STL-10, ImageNet or any image folder; one device, torchrun data "
                 "parallelism or --pipeline module parallelism.")
-    a = p.add_argument
+    _what_to_train(p.add_argument)
+    _how_to_train(p.add_argument)
+    _where_to_write(p.add_argument)
+    for name, o in all_options().items():   # method options (section 5), each declared by its method
+        if o.help is None:                     # (internal: resolved from other options)
+            continue
+        shown = "" if o.default is None or callable(o.default) or "(default" in o.help else f" (default {o.default})"
+        kw = dict(type=o.type) if o.type else {}
+        p.add_argument(f"--{name.replace('_', '-')}", default=None, choices=o.choices, help=o.help + shown, **kw)
+    return p
+
+
+def _what_to_train(a):
     a("--method", default="dgl", choices=sorted(METHODS), help="training method (see the header docstring)")
     a("--dataset", default="cifar10", choices=sorted(DATASETS),
       help="cifar10 | cifar100 | svhn | stl10 (torchvision files, downloaded into --data-dir) | imagenet "
@@ -152,6 +141,9 @@ def build_parser():
       help="InfoPro* split tables (ResNet-110 on cifar10/stl10, K=2,3,4): fewer blocks in early modules")
     a("--print-splits", action="store_true", help="print which blocks each module owns and the aux-net "
       "input shapes, then exit")
+
+
+def _how_to_train(a):
     a("--epochs", type=int, default=None, help="training epochs (default 160, the InfoPro protocol; imagenet: the "
       "method's paper, e.g. 90)")
     a("--batch-size", type=int, default=None, help="the global batch (split over torchrun ranks); default 1024 "
@@ -179,6 +171,9 @@ def build_parser():
            "reduce-overhead (CUDA graphs, CUDA only). Off by default: on the CPUs measured it is slower than eager")
     a("--bench", type=int, default=0,
       help="benchmark: N timed training iterations on synthetic data of the dataset's shape, one JSON line, exit")
+
+
+def _where_to_write(a):
     a("--save", default=None, help="checkpoint path, written atomically after every epoch")
     a("--resume", default=None, help="checkpoint to resume from (same command line otherwise)")
     a("--out", default=None, help="append the final JSON line to this file (e.g. results.jsonl)")
@@ -187,20 +182,54 @@ def build_parser():
     a("--report-run", type=int, default=None, metavar="LINE",
       help="--report: line number (1-based) of the run whose per-module accuracies are tabulated (default: "
            "the last run with the most per-module accuracies)")
-    for name, o in all_options().items():   # method options (section 5), each declared by its method
-        if o.help is None:                     # (internal: resolved from other options)
-            continue
-        shown = "" if o.default is None or callable(o.default) or "(default" in o.help else f" (default {o.default})"
-        kw = dict(type=o.type) if o.type else {}
-        a(f"--{name.replace('_', '-')}", default=None, choices=o.choices, help=o.help + shown, **kw)
-    return p
 
 
 def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
+def resolve_config(args):
+    """Decide every default that depends on the dataset, the paper's protocol or the method chain, and check every
+    value, before anything is built. Fills `args` in place; returns (args, the DataSpec, the method options)."""
+    if args.dataset == "folder":
+        spec, args.norm = folder_spec(args.data_dir, args.norm)
+    else:
+        if args.norm:
+            raise UserError("--norm applies to --dataset folder only")
+        spec = DATASETS[args.dataset]
+    chain = method_chain(args.method, args.base)          # unknown or incompatible names fail here, in one line
+    args.base = "+".join(chain[1:]) or None
+    args.K = METHODS[args.method].default_K if args.K is None else args.K
+    # ImageNet: each paper's protocol (the outermost method of the chain that has one), else the dataset's.
+    proto = next((METHODS[n].imagenet_protocol for n in chain if METHODS[n].imagenet_protocol), {}) \
+        if spec.schedule == "imagenet" else {}
+    args.batch_size = proto.get("batch_size", spec.batch) if args.batch_size is None else args.batch_size
+    args.lr = proto.get("lr", spec.lr) if args.lr is None else args.lr
+    args.epochs = proto.get("epochs", spec.epochs) if args.epochs is None else args.epochs
+    args.warmup_epochs = (10 if spec.schedule == "cifar" else 0) if args.warmup_epochs is None else args.warmup_epochs
+    least = dict(batch_size=2, epochs=1, bench=0, subset=0, test_subset=0, mem_iters=0, lr=0, wd=0, warmup_epochs=0)
+    for name, lo in least.items():   # (batch >= 2: train-mode BatchNorm needs two samples)
+        if getattr(args, name) < lo:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
+    if args.subset == 1:
+        raise UserError("--subset needs at least 2 images")
+    for flag, path in (("--save", args.save), ("--out", args.out)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UserError(f"{flag} {path}: folder {os.path.dirname(os.path.abspath(path))} does not exist")
+    if args.resume and not os.path.isfile(args.resume):
+        raise UserError(f"--resume {args.resume}: no such file")
+    if args.stages and not args.pipeline:
+        raise UserError("--stages sets the cut of --pipeline; add --pipeline (under torchrun)")
+    if args.bench and (args.save or args.resume):
+        raise UserError("--bench trains on synthetic data and saves nothing: drop --save/--resume")
+    opts = method_options(chain, {name: getattr(args, name) for name in option_flags()}, dataset=spec.name,
+                          arch=args.arch, K=args.K, balanced_memory=args.balanced_memory, amp=args.amp,
+                          sync_bn=args.sync_bn)
+    return args, replace(spec, augment=not args.no_augment), opts
+
+
 def pick_device(name):
+    """--device, else the first of cuda > mps > cpu that this machine has."""
     if name:
         try:
             dev = torch.device(name)
@@ -216,7 +245,6 @@ def pick_device(name):
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
 
 # =============================================================================================================
 # 2. Data
@@ -241,14 +269,16 @@ class DataSpec:
     epochs: int = 160
     large: bool = False           # True: DataLoader + RandomResizedCrop path (ImageNet-sized images)
     schedule: str = "cifar"       # how the originals count epochs in the cosine schedule (lr_at)
+    augment: bool = True          # False: --no-augment
 
 
 CIFAR_MEAN, CIFAR_STD = (125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)
 HALF = (0.5, 0.5, 0.5)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-# Augmentation and normalisation exactly as the InfoPro/MAN code (spec section 3.3). CIFAR-100 is not in the
-# originals; it takes CIFAR-10's recipe with its own (widely used) channel statistics.
+# Augmentation and normalisation exactly as the InfoPro/MAN code: CIFAR reflect-pad 4 + crop + flip, SVHN zero-pad
+# 2 + crop (no flip), STL-10 zero-pad 4 + crop 96 + flip, mean/std as below. CIFAR-100 is not in the originals; it
+# takes CIFAR-10's recipe with its own (widely used) channel statistics.
 DATASETS = {
     "cifar10": DataSpec("cifar10", 10, 32, CIFAR_MEAN, CIFAR_STD, 4, "reflect", True, 1024, 0.8),
     "cifar100": DataSpec("cifar100", 100, 32, (129.3 / 255, 124.1 / 255, 112.4 / 255),
@@ -328,18 +358,21 @@ def _read_stl10(folder, split):
 
 def _download(name, root):
     """Fetch with the torchvision dataset classes (they verify the archive's md5). Both SVHN splits and both
-    labelled STL-10 splits are fetched (the originals downloaded only SVHN's train split: spec bug 9)."""
+    labelled STL-10 splits are fetched (the originals downloaded only SVHN's train split and crash without its
+    test split). A stalled connection gives up after 60 s (the default timeout is restored after)."""
     import torchvision.datasets as tvd
+    timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(60)
-    if name == "cifar10":
-        tvd.CIFAR10(root, train=True, download=True)
-    elif name == "cifar100":
-        tvd.CIFAR100(root, train=True, download=True)
-    elif name == "svhn":
-        for split in ("train", "test"):
-            tvd.SVHN(root, split=split, download=True)
-    elif name == "stl10":
-        tvd.STL10(root, split="train", download=True)
+    try:
+        if name in ("cifar10", "cifar100"):
+            (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(root, train=True, download=True)
+        elif name == "svhn":
+            for split in ("train", "test"):
+                tvd.SVHN(root, split=split, download=True)
+        elif name == "stl10":
+            tvd.STL10(root, split="train", download=True)
+    finally:
+        socket.setdefaulttimeout(timeout)
 
 
 def load_torchvision(name, root, allow_download):
@@ -349,28 +382,24 @@ def load_torchvision(name, root, allow_download):
     building PIL images, and it loads any copy in the same format (md5 is checked on download, not on load)."""
     sub, files = TV_FILES[name]
     folder = os.path.join(root, sub) if sub else root
-    missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
-    if missing and allow_download:
+    missing = lambda: [f for f in files if not os.path.exists(os.path.join(folder, f))]
+    if missing() and allow_download:
         try:
             _download(name, root)
         except Exception as e:  # offline, proxy, disk full...: one line, no traceback
-            reason = f"{type(e).__name__}: {first_line(e)}"
-            missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
-            raise UserError(f"{name}: missing {', '.join(missing)} in {folder} and the download failed ({reason}); "
-                            f"put torchvision's {name} files there (or point --data-dir at them)")
-        missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
-    if missing:
-        raise UserError(f"{name}: missing {', '.join(missing)} in {folder}; put torchvision's {name} files there "
+            raise UserError(f"{name}: missing {', '.join(missing())} in {folder} and the download failed "
+                            f"({type(e).__name__}: {first_line(e)}); put torchvision's {name} files there (or point "
+                            f"--data-dir at them)")
+    if missing():
+        raise UserError(f"{name}: missing {', '.join(missing())} in {folder}; put torchvision's {name} files there "
                         f"(or run without --no-download to fetch them)")
     if name == "cifar10":
-        train, test = _read_cifar(folder, files[:5], "labels"), _read_cifar(folder, ["test_batch"], "labels")
-    elif name == "cifar100":
-        train, test = _read_cifar(folder, ["train"], "fine_labels"), _read_cifar(folder, ["test"], "fine_labels")
-    elif name == "svhn":
-        train, test = _read_svhn(os.path.join(folder, files[0])), _read_svhn(os.path.join(folder, files[1]))
-    else:
-        train, test = _read_stl10(folder, "train"), _read_stl10(folder, "test")
-    return train, test
+        return _read_cifar(folder, files[:5], "labels"), _read_cifar(folder, ["test_batch"], "labels")
+    if name == "cifar100":
+        return _read_cifar(folder, ["train"], "fine_labels"), _read_cifar(folder, ["test"], "fine_labels")
+    if name == "svhn":
+        return _read_svhn(os.path.join(folder, files[0])), _read_svhn(os.path.join(folder, files[1]))
+    return _read_stl10(folder, "train"), _read_stl10(folder, "test")
 
 
 def load_image(path, convert=None):
@@ -405,18 +434,19 @@ def _image_folders(root):
     return train, val
 
 
-def folder_spec(args):
-    """DataSpec for --dataset folder: classes from train/, size from the first image, recipe from --norm."""
-    train, _ = _image_folders(args.data_dir)
+def folder_spec(root, norm):
+    """DataSpec for --dataset folder: classes from train/, size from the first image, recipe from --norm (default
+    by image size); returns (spec, the norm used). Images over 96 px take the ImageNet path and protocol."""
+    train, _ = _image_folders(root)
     if not train.samples:
-        raise UserError(f"{args.data_dir}/train has no images")
+        raise UserError(f"{root}/train has no images")
     size = max(load_image(train.samples[0][0]).size)
-    norm = args.norm or ("cifar10" if size <= 32 else "half" if size <= 96 else "imagenet")
+    norm = norm or ("cifar10" if size <= 32 else "half" if size <= 96 else "imagenet")
     large = size > 96
-    r = NORMS[norm]
-    return DataSpec("folder", len(train.classes), 224 if large else size, r["mean"], r["std"],
-                    0 if large else 4, r["pad_mode"], True, 256 if large else 1024,
-                    0.1 if large else 0.8, 90 if large else 160, large, "imagenet" if large else "cifar"), norm
+    return DataSpec("folder", len(train.classes), 224 if large else size, NORMS[norm]["mean"], NORMS[norm]["std"],
+                    pad=0 if large else 4, pad_mode=NORMS[norm]["pad_mode"], flip=True, batch=256 if large else 1024,
+                    lr=0.1 if large else 0.8, epochs=90 if large else 160, large=large,
+                    schedule="imagenet" if large else "cifar"), norm
 
 
 def load_folder_uint8(ds, size):
@@ -431,25 +461,22 @@ def load_folder_uint8(ds, size):
     return x, np.asarray([t for _, t in ds.samples], dtype=np.int64)
 
 
-def augment(x, spec, gen, n=None, part=slice(None)):
+def augment(x, spec, gen):
     """Batched on-device augmentation of float images in [0,1]: random crop via padding + per-image offsets, then
-    random horizontal flip. Same distribution as torchvision's RandomCrop(S, padding=p) + RandomHorizontalFlip.
-    `x` may be one rank's `part` of a global batch of n images (data parallelism): the random draws are made for
-    the whole global batch and sliced, so every rank augments its images exactly as a single process would."""
+    random horizontal flip. Same distribution as torchvision's RandomCrop(S, padding=p) + RandomHorizontalFlip."""
     B, C, H, W = x.shape
     dev = x.device
-    n = B if n is None else n
     if spec.pad:
         p = spec.pad
         xp = F.pad(x, (p, p, p, p), mode=spec.pad_mode)
-        dy = torch.randint(0, 2 * p + 1, (n,), device=dev, generator=gen)[part]
-        dx = torch.randint(0, 2 * p + 1, (n,), device=dev, generator=gen)[part]
+        dy = torch.randint(0, 2 * p + 1, (B,), device=dev, generator=gen)
+        dx = torch.randint(0, 2 * p + 1, (B,), device=dev, generator=gen)
         rows = (dy[:, None] + torch.arange(H, device=dev))[:, None, :, None]       # B x 1 x H x 1
         cols = (dx[:, None] + torch.arange(W, device=dev))[:, None, None, :]       # B x 1 x 1 x W
         x = xp[torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None],
                rows, cols]
     if spec.flip:
-        m = (torch.rand(n, device=dev, generator=gen) < 0.5)[part]
+        m = torch.rand(B, device=dev, generator=gen) < 0.5
         x = torch.where(m[:, None, None, None], x.flip(3), x)
     return x
 
@@ -459,125 +486,99 @@ def norm_tensors(spec, device):
     return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
 
 
-def global_batch_size(n, batch_size, it):
-    """Size of global batch `it` of an epoch over n samples (the last one may be smaller)."""
-    return min(batch_size, n - it * batch_size)
-
-
-def shard(n, rank, world):
-    """This rank's contiguous part of a global batch of n samples (part sizes differ by at most one)."""
-    return slice(rank * n // world, (rank + 1) * n // world)
-
-
 class DeviceLoader:
-    """Batches from a uint8 image tensor living on the training device. Shuffling is a device randperm drawn from
-    `gen` (a torch.Generator on that device, saved in checkpoints so a resumed run sees the same batches).
-    With data parallelism (`rank`, `world`) every rank draws the same global batches and keeps its own part."""
+    """Batches from a uint8 image tensor living on the training device. A training loader (`gen` given: a
+    torch.Generator on that device, saved in checkpoints so a resumed run sees the same batches) shuffles with a
+    device randperm and augments; without `gen` the images come in order, as they are."""
+    least = 2   # train-mode BatchNorm cannot normalise a batch of one: a smaller last batch is dropped
 
-    def __init__(self, images, labels, spec, batch_size, train, augment_on, gen, channels_last=False, rank=0,
-                 world=1):
-        self.images, self.labels, self.spec, self.bs = images, labels, spec, batch_size
-        self.train, self.augment_on, self.gen, self.channels_last = train, augment_on, gen, channels_last
-        self.rank, self.world = rank, world
+    def __init__(self, images, labels, spec, batch_size, gen=None, channels_last=False):
+        self.images, self.labels, self.spec, self.batch_size = images, labels, spec, batch_size
+        self.gen, self.channels_last = gen, channels_last
         self.mean, self.std = norm_tensors(spec, images.device)
 
     def __len__(self):
-        return math.ceil(len(self.labels) / self.bs)
-
-    def global_batch(self, it):
-        return global_batch_size(len(self.labels), self.bs, it)
+        return math.ceil(len(self.labels) / self.batch_size)
 
     def __iter__(self):
-        n = len(self.labels)
-        dev = self.images.device
-        order = torch.randperm(n, device=dev, generator=self.gen) if self.train else torch.arange(n, device=dev)
-        for i in range(0, n, self.bs):
-            idx = order[i:i + self.bs]
-            if self.train and len(idx) < 2 * self.world:  # train-mode BatchNorm cannot normalise a batch of one
+        n, dev, train = len(self.labels), self.images.device, self.gen is not None
+        order = torch.randperm(n, device=dev, generator=self.gen) if train else torch.arange(n, device=dev)
+        for i in range(0, n, self.batch_size):
+            idx = order[i:i + self.batch_size]
+            if train and len(idx) < self.least:
                 break
-            part = shard(len(idx), self.rank, self.world)
-            idx = idx[part]
             x = self.images[idx].to(torch.get_default_dtype()).div_(255)   # (float32 unless a test asks float64)
-            if self.train and self.augment_on:
-                x = augment(x, self.spec, self.gen, self.global_batch(i // self.bs), part)
+            if train and self.spec.augment:
+                x = augment(x, self.spec, self.gen)
             x = (x - self.mean) / self.std
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[idx]
 
 
-class GlobalBatchShards(torch.utils.data.Sampler):
-    """Batch sampler for the DataLoader path: the same shuffled global batches on every rank (a generator seeded
-    alike), of which each rank loads only its own part -- so each image is decoded once, by one rank."""
+class GlobalBatches(torch.utils.data.Sampler):
+    """The index lists of an epoch's batches (shuffled by `gen`, the last partial one dropped when shuffling, as
+    the originals' training DataLoader; in order and all kept without `gen`)."""
 
-    def __init__(self, n, batch_size, shuffle, drop_last, gen, rank=0, world=1):
-        self.n, self.bs, self.shuffle, self.drop_last, self.gen = n, batch_size, shuffle, drop_last, gen
-        self.rank, self.world = rank, world
+    def __init__(self, n, batch_size, gen=None):
+        self.n, self.batch_size, self.gen = n, batch_size, gen
 
     def __len__(self):
-        return self.n // self.bs if self.drop_last else math.ceil(self.n / self.bs)
+        return self.n // self.batch_size if self.gen is not None else math.ceil(self.n / self.batch_size)
 
     def __iter__(self):
-        order = torch.randperm(self.n, generator=self.gen) if self.shuffle else torch.arange(self.n)
+        order = torch.randperm(self.n, generator=self.gen) if self.gen is not None else torch.arange(self.n)
         for i in range(len(self)):
-            idx = order[i * self.bs:(i + 1) * self.bs][shard(min(self.bs, self.n - i * self.bs), self.rank, self.world)]
-            if len(idx):       # (a rank's part of a small last evaluation batch can be empty)
-                yield idx.tolist()
+            yield order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
 
 
 class HostLoader:
-    """ImageNet-sized images: a torchvision DataLoader (workers decode JPEGs), moved to the device per batch."""
+    """ImageNet-sized images: a torchvision DataLoader (workers decode JPEGs), moved to the device per batch. A
+    training loader (`gen` given, a CPU generator) shuffles and augments: RandomResizedCrop 224 + flip; else
+    Resize 256 + CenterCrop 224. `batches` yields each batch's indices (data parallelism shards them, section 9)."""
 
-    def __init__(self, ds, spec, batch_size, train, augment_on, workers, seed, device, channels_last=False, rank=0,
-                 world=1):
+    def __init__(self, ds, spec, batch_size, workers, gen, device, channels_last=False):
         import torchvision.transforms as T
         norm = T.Normalize(spec.mean, spec.std)
-        if train and augment_on:
+        if gen is not None and spec.augment:
             ds.transform = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
         else:
             ds.transform = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
-        g = torch.Generator()
-        g.manual_seed(seed)
-        self.sampler = GlobalBatchShards(len(ds), batch_size, train, train, g, rank, world)
-        self.dl = torch.utils.data.DataLoader(ds, batch_sampler=self.sampler, num_workers=workers,
-                                              pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-        self.device, self.channels_last, self.labels, self.bs = device, channels_last, ds.targets, batch_size
-        self.gen = g
+        self.ds, self.spec, self.labels, self.batch_size, self.workers, self.gen = ds, spec, ds.targets, batch_size, \
+            workers, gen
+        self.device, self.channels_last = device, channels_last
+        self.batches, self.dl = GlobalBatches(len(ds), batch_size, gen), None
 
     def __len__(self):
-        return len(self.dl)
-
-    def global_batch(self, it):
-        return global_batch_size(len(self.labels), self.bs, it)
+        return len(self.batches)
 
     def __iter__(self):
+        if self.dl is None:   # built at the first epoch, after section 9 may have sharded the batches
+            self.dl = torch.utils.data.DataLoader(self.ds, batch_sampler=self.batches, num_workers=self.workers,
+                                                  pin_memory=self.device.type == "cuda",
+                                                  persistent_workers=self.workers > 0)
         try:
-            for x, y in self._batches():
-                yield x, y
+            for x, y in self.dl:
+                x = x.to(self.device, non_blocking=True)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                yield x, y.to(self.device, non_blocking=True)
         except UserError as e:   # raised in a worker process: the DataLoader wraps it in the worker's traceback
             raise UserError(str(e).rstrip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
 
-    def _batches(self):
-        for x, y in self.dl:
-            x = x.to(self.device, non_blocking=True)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y.to(self.device, non_blocking=True)
 
-
-def load_data(args, spec, device, gen, rank=0, world=1, cl=False):
-    """Return (train_loader, test_loader) for the resolved config (this rank's part of every batch); `cl`: batches
-    in channels_last memory format."""
+def load_data(args, spec, device, gen, channels_last=False):
+    """(train_loader, test_loader) of the resolved config; `channels_last`: batches in that memory format."""
     if spec.large:
-        root = args.data_dir
-        train, val = _image_folders(root)
+        train, val = _image_folders(args.data_dir)
         for ds, n in ((train, args.subset), (val, args.test_subset)):
             if n:   # ImageFolder lists images class by class: a fixed shuffle first, so every class appears
                 ds.samples = [ds.samples[i] for i in np.random.default_rng(0).permutation(len(ds.samples))[:n]]
                 ds.targets = [t for _, t in ds.samples]
-        mk = lambda ds, tr: HostLoader(ds, spec, args.batch_size, tr, not args.no_augment, args.workers,
-                                       args.seed, device, cl, rank, world)
-        return mk(train, True), mk(val, False)
+        host_gen = torch.Generator()
+        host_gen.manual_seed(args.seed)
+        return (HostLoader(train, spec, args.batch_size, args.workers, host_gen, device, channels_last),
+                HostLoader(val, spec, args.batch_size, args.workers, None, device, channels_last))
     if spec.name == "folder":
         tr_ds, te_ds = _image_folders(args.data_dir)
         train, test = load_folder_uint8(tr_ds, spec.size), load_folder_uint8(te_ds, spec.size)
@@ -592,20 +593,19 @@ def load_data(args, spec, device, gen, rank=0, world=1, cl=False):
         keep = pick(len(ytr), args.subset)
         xtr, ytr = xtr[keep], ytr[keep]
     t = lambda a: torch.from_numpy(a).to(device)
-    return (DeviceLoader(t(xtr), t(ytr), spec, args.batch_size, True, not args.no_augment, gen, cl, rank, world),
-            DeviceLoader(t(xte), t(yte), spec, args.batch_size, False, False, gen, cl, rank, world))
+    return (DeviceLoader(t(xtr), t(ytr), spec, args.batch_size, gen, channels_last),
+            DeviceLoader(t(xte), t(yte), spec, args.batch_size, None, channels_last))
 
 
-def synthetic_loader(spec, batch_size, device, gen, n_batches, rank=0, world=1, cl=False):
+def synthetic_loader(spec, batch_size, n_batches, device, gen, channels_last=False):
     """--bench: random uint8 images of the dataset's shape, augmented exactly like real ones."""
     n = batch_size * n_batches
     g = torch.Generator(device=device)
     g.manual_seed(0)
     x = torch.randint(0, 256, (n, 3, spec.size, spec.size), dtype=torch.uint8, device=device, generator=g)
     y = torch.randint(0, spec.classes, (n,), device=device, generator=g)
-    return DeviceLoader(x, y, replace(spec, large=False, pad=spec.pad or 4), batch_size, True, True, gen, cl, rank,
-                        world)
-
+    return DeviceLoader(x, y, replace(spec, large=False, pad=spec.pad or 4, augment=True), batch_size, gen,
+                        channels_last)
 
 # =============================================================================================================
 # 3. Backbone and splits
@@ -664,13 +664,15 @@ ARCHS.update(resnet18=("imagenet", BasicBlock, [2, 2, 2, 2]), resnet34=("imagene
              resnet50=("imagenet", Bottleneck, [3, 4, 6, 3]), resnet101=("imagenet", Bottleneck, [3, 4, 23, 3]),
              resnet152=("imagenet", Bottleneck, [3, 8, 36, 3]))
 
+
 def family(arch):
     """'cifar' or 'imagenet' for our ResNets, None for any other backbone."""
     return ARCHS[arch][0] if arch in ARCHS else None
 
 
-# Published split tables (spec section 1.3/1.4), boundaries [stage, block] after which a module ends (K-1 of them;
-# [0, 0] = the stem alone). ResNet-32 K=16 makes the stem its own module, as the InfoPro code does.
+# Published split tables, boundaries [stage, block] after which a module ends (K-1 of them; [0, 0] = the stem
+# alone): InfoPro's tables for ResNet-32 and ResNet-110 (its comand.sh splits), MAN's K=32. ResNet-32 K=16 makes
+# the stem its own module, as the InfoPro code does.
 _ALL = lambda n: [[s, b] for s in (1, 2, 3) for b in range(n)]
 SPLITS = {
     "resnet32": {
@@ -691,7 +693,7 @@ SPLITS = {
         # the stem into module 1 and builds 54 modules -- its add-on reproduces that).
         55: [[0, 0]] + _ALL(18)[:-1],
     },
-    # ImageNet. K=2: InfoPro* and MAN (spec 1.5): module 1 = stem + layer1 + layer2[0..k]. K=4: MAN++'s lists
+    # ImageNet. K=2: InfoPro* and MAN: module 1 = stem + layer1 + layer2[0..k]. K=4: MAN++'s lists
     # (JunhaoSu0/MAN_PlusPlus Exp_on_ImageNet/networks/configs.py; MAN's own final code has K=2 only).
     "resnet101": {2: [[2, 0]], 4: [[2, 2], [3, 8], [3, 16]]},
     "resnet152": {2: [[2, 5]], 4: [[2, 6], [3, 13], [3, 25]]},
@@ -703,15 +705,22 @@ BALANCED = {
 }
 
 
+def even_split(n_units, K):
+    """Unit index at which each of K modules ends when n_units are dealt out evenly (remainder to the last)."""
+    if not 1 <= K <= n_units:
+        raise UserError(f"K = {K} is impossible for a network of {n_units} units: 1 <= K <= {n_units}")
+    sizes = [n_units // K + (1 if i >= K - n_units % K else 0) for i in range(K)]
+    return [int(e) - 1 for e in np.cumsum(sizes)]
+
+
 def split_ends(arch, K, balanced=False, dataset=""):
-    """Unit index (0 = stem) at which each of the K modules ends, last = final block.
+    """Unit index (0 = stem) at which each of the K modules of one of our ResNets ends, last = final block.
 
     Published tables are used verbatim where they exist. Elsewhere the split is even by block count: the stem
     joins module 1 and the B blocks are dealt out as evenly as possible, the remainder going to the *last*
     modules (their feature maps are smaller, as in the published tables); K = B + 1 puts the stem alone."""
     blocks = ARCHS[arch][2]
     B = sum(blocks)
-    unit = lambda s, b: 0 if s == 0 else 1 + sum(blocks[:s - 1]) + b
     if K < 1 or K > B + 1:
         raise UserError(f"--K {K} is impossible for {arch}: it has {B} residual blocks + the stem, so 1 <= K <= {B + 1}")
     if balanced:
@@ -723,11 +732,10 @@ def split_ends(arch, K, balanced=False, dataset=""):
     elif K in SPLITS.get(arch, {}):
         bounds = SPLITS[arch][K]
     elif K == B + 1:
-        bounds = [[0, 0]] + [[s + 1, b] for s, n in enumerate(blocks) for b in range(n)][:-1]
+        return list(range(B + 1))
     else:
-        sizes = [B // K + (1 if i >= K - B % K else 0) for i in range(K)]
-        return [int(e) for e in np.cumsum(sizes)]
-    return [unit(s, b) for s, b in bounds] + [B]
+        return [e + 1 for e in even_split(B, K)]   # (block j is unit j: the stem is unit 0)
+    return [0 if s == 0 else 1 + sum(blocks[:s - 1]) + b for s, b in bounds] + [B]
 
 
 def unit_position(arch, i):
@@ -739,11 +747,6 @@ def unit_position(arch, i):
         i -= blocks[s]
         s += 1
     return s + 1, i - 1
-
-
-def unit_name(arch, i):
-    s, b = unit_position(arch, i)
-    return "stem" if s == 0 else f"L{s}.{b}"
 
 
 def init_weights(module):
@@ -758,21 +761,29 @@ def init_weights(module):
             nn.init.zeros_(m.bias)
 
 
+def pool_features(h):
+    """B x C x H x W -> B x C (global average pooling); B x N x D tokens -> B x D (token mean); B x D as it is."""
+    if h.dim() == 4:
+        return torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)
+    return h.mean(1) if h.dim() == 3 else h
+
+
 class Head(nn.Module):
-    """The classifier head of our ResNets: global average pooling -> Linear."""
+    """Pooling -> Linear(C -> classes): the head of our ResNets (GAP -> FC), and Greedy SL's aux net (InfoPro's
+    `0c1f` config with cross-entropy), on maps, tokens or vectors alike (pool_features)."""
 
     def __init__(self, c, num_classes):
         super().__init__()
         self.fc = nn.Linear(c, num_classes)
 
     def forward(self, h):
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+        return self.fc(pool_features(h))
 
 
 def resnet(arch, num_classes):
     """(units, head) of one of our ResNets: unit 0 the stem, then the residual blocks in order."""
-    family, block, blocks = ARCHS[arch]
-    if family == "cifar":
+    kind, block, blocks = ARCHS[arch]
+    if kind == "cifar":
         stem_w, widths, strides = 16, [16, 32, 64], [1, 2, 2]
         stem = nn.Sequential(conv3x3(3, 16), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
     else:
@@ -785,14 +796,6 @@ def resnet(arch, num_classes):
             units.append(block(cin, w, s if b == 0 else 1))
             cin = w * block.expansion
     return units, Head(cin, num_classes)
-
-
-def even_split(n_units, K):
-    """Unit index at which each of K modules ends when n_units are dealt out evenly (remainder to the last)."""
-    if not 1 <= K <= n_units:
-        raise UserError(f"K = {K} is impossible for a network of {n_units} units: 1 <= K <= {n_units}")
-    sizes = [n_units // K + (1 if i >= K - n_units % K else 0) for i in range(K)]
-    return [int(e) - 1 for e in np.cumsum(sizes)]
 
 
 class LocalNet(nn.Module):
@@ -853,9 +856,14 @@ class LocalNet(nn.Module):
         return 1 + sum(self.unit_shapes[j] != self.unit_shapes[j - 1] for j in range(2, i + 1))
 
     def unit_name(self, i):
-        return unit_name(self.arch, i) if self.arch in ARCHS else f"u{i}"
+        """stem, L<stage>.<block> for our ResNets; u<i> for any other backbone."""
+        if self.arch not in ARCHS:
+            return f"u{i}"
+        s, b = unit_position(self.arch, i)
+        return "stem" if s == 0 else f"L{s}.{b}"
 
     def run(self, h, k):
+        """Module k's forward: its units in order."""
         a, b = self.bounds[k]
         for u in self.units[a:b]:
             h = u(h)
@@ -866,62 +874,52 @@ class LocalNet(nn.Module):
             x = self.run(x, k)
         return self.head(x)
 
-
 # =============================================================================================================
 # 4. Auxiliary networks
 # =============================================================================================================
+# Each class below is one method's aux net, sized from the shape of the features it reads. Parameter counts are
+# the official constructors' (tests pin them).
 
 def fp32(t):
     """Losses are computed in at least float32: half-precision tensors (autocast) are upcast, others kept."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def pool_features(h):
-    """B x C x H x W -> B x C (global average pooling); B x N x D tokens -> B x D (token mean); B x D as it is."""
-    if h.dim() == 4:
-        return torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)
-    return h.mean(1) if h.dim() == 3 else h
-
-
-class GreedyAux(nn.Module):
-    """Greedy SL head (InfoPro's `0c1f` + CE): the network's own head shape, GAP -> Linear(C -> classes)."""
-
-    def __init__(self, c, num_classes):
-        super().__init__()
-        self.fc = nn.Linear(c, num_classes)
-
-    def forward(self, h):
-        return self.fc(pool_features(h))
-
-
 class DGLAux(nn.Module):
-    """DGL's official "MLP-SR" auxiliary net (eugenium/DGL, auxillary_classifier2 with n_lin=3, mlp_layers=3):
+    """DGL's auxiliary net, in two variants:
 
-        avg-pool to ceil(s/4) x ceil(s/4) -> 3 x [1x1 conv C->C (no bias) -> BN -> ReLU]
-        -> avg-pool to 2x2 -> flatten (4C) -> 3 x [Linear 4C->4C -> BN1d -> ReLU] -> Linear 4C -> classes
+    dgl       the DGL authors' "MLP-SR" net (eugenium/DGL, auxillary_classifier2 with n_lin=3, mlp_layers=3):
+              avg-pool to ceil(s/4) x ceil(s/4) -> 3 x [1x1 conv C->C (no bias) -> BN -> ReLU] -> avg-pool to 2x2
+              -> flatten (4C) -> 3 x [Linear 4C->4C -> BN1d -> ReLU] -> Linear 4C -> classes.
+              C=16@32px 14,378; C=32@16px 54,858; C=64@8px 214,154 params. The official module reports 2C more
+              (14,410 / 54,922 / 214,282): it also registers a BatchNorm2d(C) that its MLP variant never calls;
+              we leave that dead layer out (it receives no gradient and changes nothing).
+    auglocal  the AugLocal repository's re-implementation (networks/auxiliary_nets.py, net_config 'DGL'), behind
+              the DGL rows of the AugLocal, MAN and MLAAN papers: TWO hidden Linear layers, without bias, and the
+              second pooling to min(ceil(s/4), 2). 9,962 / 37,834 / 147,338 params (10 classes).
+    On token (N x D) or vector features the net is its MLP part on the token mean (the 1x1-conv stage and the
+    2x2 pooling need a spatial map)."""
 
-    Parameters: C=16@32px 14,378; C=32@16px 54,858; C=64@8px 214,154. The official module reports 2C more
-    (14,410 / 54,922 / 214,282) because it also registers a BatchNorm2d(C) that its MLP variant never calls;
-    we leave that dead layer out (it receives no gradient and changes nothing)."""
-
-    def __init__(self, shape, num_classes):
+    def __init__(self, shape, num_classes, variant="dgl"):
         super().__init__()
         spatial = len(shape) == 3
         c = shape[0] if spatial else shape[-1]
+        hidden, bias = (2, False) if variant == "auglocal" else (3, True)
         if spatial:
             self.pool = math.ceil(shape[1] / 4)
+            self.pool2 = min(self.pool, 2) if variant == "auglocal" else 2
             self.convs = nn.Sequential(*[m for _ in range(3) for m in
                                          (nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True))])
-        f = 4 * c if spatial else c          # tokens / vectors: the MLP part alone, on the token mean
-        self.mlp = nn.Sequential(*[m for _ in range(3) for m in
-                                   (nn.Linear(f, f), nn.BatchNorm1d(f), nn.ReLU(inplace=True))],
+        f = c * self.pool2 ** 2 if spatial else c
+        self.mlp = nn.Sequential(*[m for _ in range(hidden) for m in
+                                   (nn.Linear(f, f, bias=bias), nn.BatchNorm1d(f), nn.ReLU(inplace=True))],
                                  nn.Linear(f, num_classes))
 
     def forward(self, h):
         if h.dim() != 4:
             return self.mlp(pool_features(h))
         h = self.convs(F.adaptive_avg_pool2d(h, self.pool))
-        return self.mlp(torch.flatten(F.adaptive_avg_pool2d(h, 2), 1))
+        return self.mlp(torch.flatten(F.adaptive_avg_pool2d(h, self.pool2), 1))
 
 
 class Decoder(nn.Module):
@@ -948,7 +946,7 @@ class Decoder(nn.Module):
 
 
 class AuxClassifier(nn.Module):
-    """InfoPro's auxiliary head, the estimator of I(h; y); `config` = "<convs>c<linears>f" (spec section 2.2).
+    """InfoPro's auxiliary head, the estimator of I(h; y); `config` = "<convs>c<linears>f":
 
         convs: first conv3x3 C -> C1 (C=16: 32w, stride 2; C=32: 64w, stride 2; C=64: 64w, stride 1; in general
                C < 64 doubles the width at stride 2), BN, ReLU; a second conv (2c) is C1 -> C1, stride 1
@@ -1174,54 +1172,25 @@ class MLAANImageNetAux(nn.Module):
     def forward(self, h):
         return self.fc(pool_features(self.convs(h)))
 
-
-class AugLocalDGLAux(nn.Module):
-    """The DGL head of the AugLocal repository (networks/auxiliary_nets.py, net_config 'DGL'), behind the DGL rows
-    of the AugLocal paper: DGLAux with TWO hidden Linear layers and no bias in them,
-
-        avg-pool to ceil(s/4) -> 3 x [1x1 conv C->C (no bias) -> BN -> ReLU] -> avg-pool to 2x2 -> flatten (4C)
-        -> 2 x [Linear 4C->4C (no bias) -> BN1d -> ReLU] -> Linear 4C -> classes
-
-    Parameters: C=16@32px 9,962; C=32@16px 37,834; C=64@8px 147,338 (10 classes)."""
-
-    def __init__(self, shape, num_classes):
-        super().__init__()
-        c, s = shape[0], shape[1]
-        self.pool, self.pool2 = math.ceil(s / 4), min(math.ceil(s / 4), 2)
-        self.convs = nn.Sequential(*[m for _ in range(3) for m in
-                                     (nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True))])
-        f = c * self.pool2 ** 2
-        self.mlp = nn.Sequential(*[m for _ in range(2) for m in
-                                   (nn.Linear(f, f, bias=False), nn.BatchNorm1d(f), nn.ReLU(inplace=True))],
-                                 nn.Linear(f, num_classes))
-
-    def forward(self, h):
-        h = self.convs(F.adaptive_avg_pool2d(h, self.pool))
-        return self.mlp(torch.flatten(F.adaptive_avg_pool2d(h, self.pool2), 1))
-
-
 # =============================================================================================================
 # 5. Methods
 # =============================================================================================================
-# A method owns the auxiliary nets of the K-1 local modules and defines their loss. The shared training step
-# (section 7) calls, for each module k:
-#     method.start_module(k, h_in)                   hook: module k is about to run on the detached input h_in
-#     h = method.run_module(net, k, h_in)            module k's forward (MLAAN keeps the stem's output)
-#     z = method.aux_input(k, h)                     what the aux net reads (MAN adds its EMA/bias branches here)
-#     loss, logits = method.local_loss(k, z, batch)  (the last module: method.final_loss, the network's own head)
-#     method.backward(k, loss, h_in, h, scaler)      how the loss is backpropagated (SGR adds its term here)
-#     method.zero_grad_parts(k, loss)                parts the originals give a zero gradient (0 * loss terms)
-#     method.after_backward(k)                       hook: e.g. EMA updates, right after module k's backward
-# `needs_input_grad(k)` asks the step to hand module k an input that requires grad (gradient-based add-ons);
-# `module_needs_graph(k)` = False runs module k's forward without a graph (its loss does not use it).
-# Module parallelism (section 9) also uses `hands_off`/`handoff()`/`receive(t)` (a tensor that travels with the
-# activation: SGR's gradient) and `reads_after_backward(k)` (MAN reads the next module's first block).
+# A method owns the auxiliary nets of the local modules and defines each module's loss. The training step
+# (section 7) asks three things of it, for each module k = 0..K-1 in turn:
+#
+#     h, loss, logits = method(net, k, h_in, batch)   module k's forward from its detached input h_in and its loss:
+#                                                      the local loss of its aux net, or, for the last module, the
+#                                                      network's own head and cross-entropy
+#     method.backward(k, loss, h_in, h)               backpropagate it (SGR adds its gradient term here)
+#     method.after_backward(net, k)                   what follows module k's backward (MAN's and MLAAN's EMA)
+#
+# `parts(k)` lists the aux nets module k's loss trains; `describe` and `summary` are what --print-splits and the
+# config show. Adding a method = one class here + @register. An add-on wraps an instance of its base method.
 #
 # Options. Each method declares the options it introduces (`options`); they become command-line flags and the
 # keywords of `attach`. Their values are resolved in ONE place, `method_options` (end of this section): what the
 # caller gave, else what an add-on sets for its base (`base_defaults`: MAN on InfoPro uses the 2c2f head with
-# cross-entropy), else the option's own default. Constructors only read the resolved options.
-# Adding a method = one class here + @register.
+# cross-entropy), else the option's own default. Constructors only read the resolved options, `opts`.
 
 METHODS = {}
 
@@ -1242,6 +1211,17 @@ class Opt:
     lo: float = None              # smallest allowed value
     hi: float = None              # largest allowed value
     positive: bool = False        # must be > 0
+
+    def check(self, name, value):
+        flag = f"--{name.replace('_', '-')}"
+        if value is not None and self.lo is not None and value < self.lo:
+            raise UserError(f"{flag} must be >= {self.lo}, got {value}")
+        if value is not None and self.positive and value <= 0:
+            raise UserError(f"{flag} must be a positive number, got {value}")
+        if value is not None and self.hi is not None and value > self.hi:
+            raise UserError(f"{flag} must be in [{self.lo}, {self.hi}], got {value}")
+        if self.choices and value not in self.choices:
+            raise UserError(f"{flag} {value}: one of {', '.join(self.choices)}")
 
 
 @dataclass
@@ -1264,20 +1244,47 @@ def need_image_features(method, shape, what="its aux nets"):
                         f"{'x'.join(map(str, shape))}")
 
 
+def module_positions(n):
+    """r_k = k / (n - 1) for the n local modules (0 when there is one): where each sits between first and last."""
+    return [k / (n - 1) if n > 1 else 0.0 for k in range(n)]
+
+
+def stage_positions(stages, n):
+    """r = s / (n - 2) for stage indices s (0 when n <= 2): MAN's and MLAAN's interpolation variable, the stage of
+    a block over the number of modules where InfoPro uses the module index (a quirk of their code)."""
+    return [s / (n - 2) if n > 2 else 0.0 for s in stages]
+
+
 class LocalMethod(nn.Module):
-    """Base class. Subclasses set `name`, implement `make_aux` (and optionally override `local_loss`)."""
+    """The default local step, and the base class of every method: one aux net per local module k < K-1
+    (`make_aux`, sized from `shapes[k]`, the features it reads), a cross-entropy local loss on it (`local_loss`),
+    and the network's head for the last module. A method overrides `make_aux`, and `local_loss` (another loss),
+    `forward` (another step), `backward` or `after_backward` where it differs.
+
+    `r` places each local module in the network, r_k in [0, 1] (default module_positions: k / (K-2)): methods
+    whose loss weights change with depth (InfoPro, PredSim) interpolate over it; MAN and MLAAN place it by stage.
+    `init`: our He init of the aux nets now (MLAAN initialises its two sets of heads together, after both exist)."""
     name = ""
     options = {}                                  # option name -> Opt, the options this method introduces
     bases, default_base, base_defaults = (), None, {}   # add-ons: accepted --base names, and defaults set for them
     default_K = 16
     imagenet_protocol = None                      # the paper's ImageNet batch, lr and epochs, where it has one
+    eager_only = None                             # why --compile cannot run this method (None: it can)
+    double_backward = False                       # its step differentiates a gradient again (SGR)
+    # Module parallelism (section 9) reads three more: state one module's step hands to the next's (SGR's
+    # gradient), the unit whose weights after_backward(net, k) reads (MAN's next block), why a gradient crosses
+    # a module boundary (MLAAN's cascade).
+    carried, tracked, crosses_modules = (), (), None
 
-    def __init__(self, net, opts, num_classes, shapes=None, chain=None):
+    def __init__(self, net, opts, num_classes, shapes=None, r=None, init=True):
         super().__init__()
-        self.n_modules = net.K
-        self.aux_shapes = net.boundary_shapes if shapes is None else shapes   # add-ons pass what their aux reads
-        self.aux = nn.ModuleList([self.make_aux(k, shape, num_classes, opts) for k, shape in enumerate(self.aux_shapes)])
-        init_weights(self)
+        self.K, self.opts = net.K, opts
+        self.shapes = net.boundary_shapes if shapes is None else shapes    # None: no aux net at that boundary
+        self.r = module_positions(net.K - 1) if r is None else r
+        self.aux = nn.ModuleList([None if s is None else self.make_aux(net, k, s, num_classes)
+                                  for k, s in enumerate(self.shapes)])
+        if init:
+            init_weights(self.aux)
 
     @classmethod
     def check(cls, net, opts):
@@ -1288,78 +1295,42 @@ class LocalMethod(nn.Module):
         """Hook to change the split a method really builds (MAN merges a stem-alone module into module 1)."""
         return ends
 
-    def make_aux(self, k, shape, num_classes, opts):
+    def make_aux(self, net, k, shape, num_classes):
         """The aux net of local module k, reading features of `shape` (C x H x W, N x D or D)."""
         raise NotImplementedError
+
+    def forward(self, net, k, h_in, batch):
+        """Module k's forward from its (detached) input, and its loss: (output, loss, logits or None)."""
+        h = net.run(h_in, k)
+        if k == self.K - 1:
+            logits = net.head(h)
+            return h, F.cross_entropy(logits, batch.y), logits
+        return h, *self.local_loss(k, h, batch)
+
+    def local_loss(self, k, h, batch):
+        logits = self.aux[k](h)
+        return F.cross_entropy(logits, batch.y), logits
+
+    def backward(self, k, loss, h_in, h):
+        """Backpropagate module k's loss. A loss without a graph (every term weighted 0) has nothing to
+        backpropagate; the step still gives the module zero gradients."""
+        if loss.requires_grad:
+            loss.backward()
+
+    def after_backward(self, net, k):
+        """Work that follows module k's backward (every module, the last one included)."""
+
+    def parts(self, k):
+        """The aux nets trained by local module k's loss."""
+        return [self.aux[k]]
+
+    def describe(self, net, k):
+        """(what local module k's aux net reads, a note) for --print-splits."""
+        return self.shapes[k], ""
 
     def summary(self):
         """One line printed with the config (e.g. resolved loss weights)."""
         return ""
-
-    def aux_parts(self, k):
-        """Everything attached to local module k (for --print-splits and the gradient bookkeeping)."""
-        return [self.aux[k]]
-
-    def aux_shape(self, k):
-        return self.aux_shapes[k]
-
-    def aux_note(self, k, net):
-        """Extra --print-splits text for module k (e.g. which units an AugLocal aux net imitates)."""
-        return ""
-
-    def aux_input(self, k, h):
-        return h
-
-    def local_loss(self, k, z, batch):
-        logits = self.aux[k](z)
-        return F.cross_entropy(logits, batch.y), logits
-
-    def start_module(self, k, h_in):
-        """Hook: module k is about to run on the (detached) input h_in."""
-
-    def run_module(self, net, k, h_in):
-        """Module k's forward (MLAAN keeps the stem's output for its cascade)."""
-        return net.run(h_in, k)
-
-    def needs_input_grad(self, k):
-        return False
-
-    def module_needs_graph(self, k):
-        return True
-
-    def zero_grad_parts(self, k, loss):
-        """Parts of module k's aux net that the originals give a zero gradient: they backpropagate 0 * loss, so a
-        local loss whose every weight is 0 still reaches them (the step adds the module's own units)."""
-        return [] if loss.requires_grad else self.aux_parts(k)
-
-    # Module parallelism (--pipeline, section 9) asks two more things of a method:
-    hands_off = False           # True: a tensor travels with the activation to the next module (SGR's gradient)
-
-    def handoff(self):
-        """That tensor, after a stage's last module (None when there is none this time)."""
-        return None
-
-    def receive(self, t):
-        """Set it (or None) before the next stage's first module."""
-
-    def reads_after_backward(self, k):
-        """Backbone units of later modules whose weights after_backward(k) reads (MAN: the next module's first
-        block); a pipeline stage that does not own them gets their weights sent back by their stage."""
-        return []
-
-    def final_loss(self, k, h, batch, net):
-        """Loss of the last module: the network's own head and cross-entropy."""
-        logits = net.head(h)
-        return F.cross_entropy(logits, batch.y), logits
-
-    def after_backward(self, k):
-        """Hook: module k's backward is done (every module, the last one included)."""
-
-    def backward(self, k, loss, h_in, h_out, scaler):
-        """Backpropagate module k's loss (SGR adds its gradient-reconciliation term here). A loss without a graph
-        (every term weighted 0) has nothing to backpropagate; the step still gives the module zero gradients."""
-        if loss.requires_grad:
-            scaler.scale(loss).backward()
 
 
 @register
@@ -1383,8 +1354,8 @@ class Greedy(LocalMethod):
     C x H x W maps are averaged over space, N x D tokens over tokens, D vectors are used as they are."""
     name = "greedy"
 
-    def make_aux(self, k, shape, num_classes, opts):
-        return GreedyAux(shape[0] if len(shape) == 3 else shape[-1], num_classes)
+    def make_aux(self, net, k, shape, num_classes):
+        return Head(shape[0] if len(shape) == 3 else shape[-1], num_classes)
 
 
 @register
@@ -1393,24 +1364,22 @@ class DGL(LocalMethod):
 
     L_k = CE(g_k(h_k), y) with g_k DGL's official MLP-SR aux net (DGLAux, eugenium/DGL; --dgl-head dgl, the
     default) or the AugLocal repository's re-implementation behind the DGL rows of the AugLocal paper, which
-    MAN and MLAAN compare with (AugLocalDGLAux, --dgl-head auglocal: two hidden Linear layers without bias).
+    MAN and MLAAN compare with (--dgl-head auglocal: two hidden Linear layers without bias).
     DGL steps each module's optimizer right after its backward; since every module's forward input is computed
-    before any step, that is the same update as our single shared SGD step. On token (N x D) or vector features
-    the DGL head is its MLP part on the token mean (its 1x1-conv stage and 2x2 pooling need a spatial map)."""
+    before any step, that is the same update as our single shared SGD step."""
     name = "dgl"
     options = dict(dgl_head=Opt("dgl", "DGL aux net: dgl (the DGL authors' MLP-SR net) or auglocal (the AugLocal "
                                 "repository's, behind the AugLocal/MAN/MLAAN papers' DGL rows)",
                                 choices=("dgl", "auglocal")))
 
-    def make_aux(self, k, shape, num_classes, opts):
-        if opts.dgl_head == "auglocal":
+    def make_aux(self, net, k, shape, num_classes):
+        if self.opts.dgl_head == "auglocal":
             need_image_features("dgl --dgl-head auglocal", shape)
-            return AugLocalDGLAux(shape, num_classes)
-        return DGLAux(shape, num_classes)
+        return DGLAux(shape, num_classes, self.opts.dgl_head)
 
 
-# (ixx_1, ixy_1, ixx_2, ixy_2) of the InfoPro repository's published commands (comand.sh; spec section 2.5),
-# keyed by (dataset, arch, K, balanced). All use --aux-config 1c2f, contrast, feature dim 128.
+# (ixx_1, ixy_1, ixx_2, ixy_2) of the InfoPro repository's published commands (its comand.sh), keyed by
+# (dataset, arch, K, balanced). All use --aux-config 1c2f, contrast, feature dim 128.
 INFOPRO_LAMBDAS = {
     ("cifar10", "resnet32", 2, False): (5, 1, 0, 0), ("cifar10", "resnet32", 4, False): (6, 0, 1, 2),
     ("cifar10", "resnet32", 8, False): (5, 0, 0, 2), ("cifar10", "resnet32", 16, False): (5, 0.05, 0.2, 0.5),
@@ -1441,17 +1410,6 @@ def resolve_lambdas(given, defaults, source):
     return values, note
 
 
-def stage_positions(stages, n):
-    """r = s / (n - 2) for stage indices s (0 when n <= 2): MAN's and MLAAN's interpolation variable, the stage of
-    a block over the number of modules where InfoPro uses the module index (a quirk of their code)."""
-    return [s / (n - 2) if n > 2 else 0.0 for s in stages]
-
-
-def module_positions(n):
-    """r_k = k / (n - 1) for the n local modules (0 when there is one): InfoPro's interpolation variable."""
-    return [k / (n - 1) if n > 1 else 0.0 for k in range(n)]
-
-
 def interpolate_lambdas(lambdas, r):
     """(l1, l2) per local module from (ixx_1, ixy_1, ixx_2, ixy_2) and each module's position r in [0, 1]."""
     ixx1, ixy1, ixx2, ixy2 = lambdas
@@ -1476,14 +1434,14 @@ def published_lambdas(dataset, arch, K, balanced):
         f"not published for {dataset}/{arch}/K={K}; CIFAR-10 ResNet-110 K={near}'s"
 
 
-def infopro_aux(c, opts, num_classes, image_size, config=None, loss=None, imagenet=False):
-    """Decoder + AuxClassifier of one InfoPro-style local loss (shared with MAN and MLAAN's InfoPro base); on our
+def infopro_aux(c, opts, num_classes, image_size, imagenet=False):
+    """Decoder + AuxClassifier of one InfoPro-style local loss (also MAN's and MLAAN's on the InfoPro base); on our
     ImageNet ResNets, at the 512- and 1024-channel boundaries the official ImageNet nets instead."""
     if imagenet and c in IMAGENET_DECODERS:
         return nn.ModuleDict(dict(decoder=ImageNetDecoder(c, image_size), head=ImageNetAuxClassifier(c, num_classes)))
     return nn.ModuleDict(dict(decoder=Decoder(c, image_size, opts.aux_widen),
-                              head=AuxClassifier(c, config or opts.aux_config, loss or opts.local_loss, num_classes,
-                                                 opts.aux_widen, opts.aux_feature_dim)))
+                              head=AuxClassifier(c, opts.aux_config, opts.local_loss, num_classes, opts.aux_widen,
+                                                 opts.aux_feature_dim)))
 
 
 def infopro_loss(aux, z, batch, l1, l2, contrast):
@@ -1543,26 +1501,21 @@ class InfoPro(LocalMethod):
         if family(net.arch) == "imagenet" and opts.local_loss == "contrast":
             raise UserError("--local-loss contrast: the ImageNet aux nets of InfoPro and MAN are cross-entropy only")
 
-    def __init__(self, net, opts, num_classes, shapes=None, chain=None):
-        self.input_hw, self.imagenet = net.input_shape[1:], family(net.arch) == "imagenet"
-        super().__init__(net, opts, num_classes, shapes)
+    def __init__(self, net, opts, num_classes, shapes=None, r=None, init=True):
+        super().__init__(net, opts, num_classes, shapes, r, init)
         self.contrast = opts.local_loss == "contrast"
         self.lambdas_all, self.lambda_source = opts.lambdas
-        self.weights = interpolate_lambdas(self.lambdas_all, module_positions(net.K - 1))
+        self.weights = interpolate_lambdas(self.lambdas_all, self.r)
+
+    def make_aux(self, net, k, shape, num_classes):
+        return infopro_aux(shape[0], self.opts, num_classes, net.input_shape[1:], family(net.arch) == "imagenet")
+
+    def local_loss(self, k, h, batch):
+        return infopro_loss(self.aux[k], h, batch, *self.weights[k], self.contrast)
 
     def summary(self):
         w = ", ".join(f"({a:g},{b:g})" for a, b in self.weights)
         return f"lambdas {self.lambdas_all} [{self.lambda_source}] per module (l1,l2): {w}"
-
-    def make_aux(self, k, shape, num_classes, opts):
-        return infopro_aux(shape[0], opts, num_classes, self.input_hw, imagenet=self.imagenet)
-
-    def local_loss(self, k, z, batch):
-        return infopro_loss(self.aux[k], z, batch, *self.weights[k], self.contrast)
-
-    def zero_grad_parts(self, k, loss):
-        l1, l2 = self.weights[k]                       # the originals compute 0 * term: its net gets zero gradients
-        return super().zero_grad_parts(k, loss) + [self.aux[k][n] for n, w in (("decoder", l1), ("head", l2)) if not w]
 
 
 @register
@@ -1602,22 +1555,20 @@ class AugLocal(LocalMethod):
                             f"final d + 1 units and at least one local module must remain")
         return kept
 
-    def __init__(self, net, opts, num_classes, shapes=None, chain=None):
-        n = net.K - 1
-        self.depths = [max(1, round(opts.aux_depth * (1 - r) + r))
-                       for r in (k * opts.pyramid / (n - 1) if n > 1 else 0.0 for k in range(n))]
-        self.net_ref = [net]                               # a plain list: the backbone is not part of the method
-        super().__init__(net, opts, num_classes, shapes)
+    def __init__(self, net, opts, num_classes, shapes=None, r=None, init=True):
+        n = net.K - 1     # (the official formula, kept as written: its rounding decides depths at .5)
+        self.depths = [max(1, round(opts.aux_depth * (1 - t) + t))
+                       for t in (k * opts.pyramid / (n - 1) if n > 1 else 0.0 for k in range(n))]
+        super().__init__(net, opts, num_classes, shapes, r, init)
 
-    def make_aux(self, k, shape, num_classes, opts):
-        net = self.net_ref[0]
+    def make_aux(self, net, k, shape, num_classes):
         return AugLocalAux(net.ends[k], self.depths[k], net, num_classes)
+
+    def describe(self, net, k):
+        return self.shapes[k], "copies " + ",".join(net.unit_name(j) for j in self.aux[k].selected)
 
     def summary(self):
         return "aux depths " + " ".join(map(str, self.depths))
-
-    def aux_note(self, k, net):
-        return "copies " + ",".join(net.unit_name(j) for j in self.aux[k].selected)
 
 
 @register
@@ -1636,17 +1587,17 @@ class PredSim(LocalMethod):
         for shape in net.boundary_shapes:
             need_image_features("predsim", shape)
 
-    def __init__(self, net, opts, num_classes, shapes=None, chain=None):
-        super().__init__(net, opts, num_classes, shapes)
+    def __init__(self, net, opts, num_classes, shapes=None, r=None, init=True):
+        super().__init__(net, opts, num_classes, shapes, r, init)
         self.num_classes = num_classes
-        self.weights = interpolate_lambdas(opts.lambdas[0], module_positions(len(self.aux)))
+        self.weights = interpolate_lambdas(opts.lambdas[0], self.r)
 
-    def make_aux(self, k, shape, num_classes, opts):
+    def make_aux(self, net, k, shape, num_classes):
         return PredSimAux(*shape, num_classes)
 
-    def local_loss(self, k, z, batch):
+    def local_loss(self, k, h, batch):
         l_sim, l_pred = self.weights[k]
-        logits, sim_feat = self.aux[k](z)
+        logits, sim_feat = self.aux[k](h)
         target = similarity_matrix(F.one_hot(batch.y, self.num_classes).to(sim_feat.dtype))
         loss = l_sim * F.mse_loss(similarity_matrix(sim_feat), target) + l_pred * F.cross_entropy(fp32(logits), batch.y)
         return loss, logits
@@ -1654,11 +1605,9 @@ class PredSim(LocalMethod):
     def summary(self):
         return f"(sim, pred) weights {self.weights[0]} .. {self.weights[-1]}"
 
-
 # ---- add-ons: methods that wrap a base method ------------------------------------------------------------------
-# An add-on changes what the base's aux nets read (aux_input), when extra work happens (after_backward) or what
-# the local loss is; the base keeps its own aux nets and loss. `--method man --base dgl` builds DGL's aux nets on
-# MAN's features. One EMA implementation serves MAN and MLAAN.
+# An add-on changes what its base's aux nets read (MAN), how the loss is backpropagated (SGR) or adds aux nets of
+# its own around its base's heads and losses (MLAAN). One EMA implementation serves MAN and MLAAN.
 
 @torch.no_grad()
 def ema_update(ema, src, decay):
@@ -1669,64 +1618,39 @@ def ema_update(ema, src, decay):
     torch._foreach_add_(e, p, alpha=1 - decay)
 
 
-class AddOn(LocalMethod):
-    """Base class of add-ons that wrap an instance of their base method (`self.base`), possibly itself an add-on:
-    `--method sgr --base man+dgl` is SGR on MAN on DGL. The base's aux nets are built on the shapes `aux_input`
-    produces; every hook an add-on does not override is passed down to its base."""
-
-    def __init__(self, net, opts, num_classes, shapes=None, chain=None, aux_shapes=None):
-        super().__init__(net, opts, num_classes, shapes=[])
-        self.base = make_method(net, chain[1:], opts, num_classes, shapes=aux_shapes or shapes)
-
-    def summary(self):
-        return f"base {self.base.name}" + (f"; {self.base.summary()}" if self.base.summary() else "")
-
-    def aux_parts(self, k):
-        return self.base.aux_parts(k)
-
-    def aux_shape(self, k):
-        return self.base.aux_shape(k)
-
-    def aux_note(self, k, net):
-        return self.base.aux_note(k, net)
-
-    def aux_input(self, k, h):
-        return self.base.aux_input(k, h)
-
-    def local_loss(self, k, z, batch):
-        return self.base.local_loss(k, z, batch)
-
-    def after_backward(self, k):
-        self.base.after_backward(k)
-
-    def start_module(self, k, h_in):
-        self.base.start_module(k, h_in)
-
-    def needs_input_grad(self, k):
-        return self.base.needs_input_grad(k)
-
-    def module_needs_graph(self, k):
-        return self.base.module_needs_graph(k)
-
-    def run_module(self, net, k, h_in):
-        return self.base.run_module(net, k, h_in)
-
-    def zero_grad_parts(self, k, loss):
-        return self.base.zero_grad_parts(k, loss) + ([] if loss.requires_grad else self.aux_parts(k))
-
-    def reads_after_backward(self, k):
-        return self.base.reads_after_backward(k)
-
-    def final_loss(self, k, h, batch, net):
-        return self.base.final_loss(k, h, batch, net)
-
-    def backward(self, k, loss, h_in, h_out, scaler):
-        self.base.backward(k, loss, h_in, h_out, scaler)
-
-
 def merge_stem(ends):
     """Drop a stem-alone module: MAN and MLAAN always run the stem as part of module 1."""
     return [e for e in ends if e != 0]
+
+
+class AddOn(LocalMethod):
+    """An add-on wraps an instance of its base method, `self.base` -- itself possibly an add-on: `--method sgr
+    --base man+dgl` is SGR on MAN on DGL. The base keeps its aux nets and its loss, built on the `shapes` (and
+    positions `r`) the add-on gives it; what an add-on does not override is its base's."""
+
+    def __init__(self, net, opts, num_classes, shapes=None, r=None, init=True):
+        nn.Module.__init__(self)
+        self.K, self.opts = net.K, opts
+        below = opts.chain[opts.chain.index(self.name) + 1]
+        self.base = METHODS[below](net, opts, num_classes, shapes, r, init)
+
+    def local_loss(self, k, h, batch):
+        return self.base.local_loss(k, h, batch)
+
+    def backward(self, k, loss, h_in, h):
+        self.base.backward(k, loss, h_in, h)
+
+    def after_backward(self, net, k):
+        self.base.after_backward(net, k)
+
+    def parts(self, k):
+        return self.base.parts(k)
+
+    def describe(self, net, k):
+        return self.base.describe(net, k)
+
+    def summary(self):
+        return f"base {self.base.name}" + (f"; {self.base.summary()}" if self.base.summary() else "")
 
 
 @register
@@ -1765,37 +1689,31 @@ class MAN(AddOn):
     def adjust_ends(cls, ends, opts):
         return merge_stem(ends)                             # the stem always runs in front of module 1
 
-    def __init__(self, net, opts, num_classes, shapes=None, chain=None):
-        nxt = [net.units[e + 1] for e in net.ends[:-1]]    # B_{k+1}: first block of module k+1
-        super().__init__(net, opts, num_classes, chain=chain,
-                         aux_shapes=[net.unit_shapes[e + 1] for e in net.ends[:-1]])
-        self.decay, self.tracked = opts.ema_decay, nxt      # plain list: the tracked blocks belong to the backbone
-        self.tracked_units = [e + 1 for e in net.ends[:-1]]
-        ours = net.arch in ARCHS
-        self.ema = nn.ModuleList([fresh_copy(b, opts.man_init, ours) for b in nxt])
-        self.lb = nn.ModuleList([fresh_copy(b, opts.man_init, ours) for b in nxt])
+    def __init__(self, net, opts, num_classes, shapes=None, r=None, init=True):
+        # B_{k+1}, the first unit of module k+1: what each boundary copies and reads after its backward (section 9
+        # sends a pipeline stage the weights of the next stage's first unit for that).
+        self.tracked = [e + 1 for e in net.ends[:-1]]
+        super().__init__(net, opts, num_classes, shapes=[net.unit_shapes[u] for u in self.tracked],
+                         r=stage_positions([net.stage(u) for u in self.tracked], opts.K), init=init)
+        self.decay, ours = opts.ema_decay, net.arch in ARCHS
+        self.ema = nn.ModuleList([fresh_copy(net.units[u], opts.man_init, ours) for u in self.tracked])
+        self.lb = nn.ModuleList([fresh_copy(net.units[u], opts.man_init, ours) for u in self.tracked])
         for p in self.ema.parameters():
             p.requires_grad_(False)
-        if chain[1] == "infopro":
-            stages = [net.stage(e + 1) for e in net.ends[:-1]]
-            self.base.weights = interpolate_lambdas(self.base.lambdas_all, stage_positions(stages, opts.K))
+
+    def local_loss(self, k, h, batch):
+        return self.base.local_loss(k, self.lb[k](h) + self.ema[k](h), batch)
+
+    def after_backward(self, net, k):
+        super().after_backward(net, k)
+        if k < self.K - 1:
+            ema_update(self.ema[k], net.units[self.tracked[k]], self.decay)
+
+    def parts(self, k):
+        return super().parts(k) + [self.ema[k], self.lb[k]]
 
     def summary(self):
         return super().summary() + f"; EMA decay {self.decay}"
-
-    def aux_parts(self, k):
-        return super().aux_parts(k) + [self.ema[k], self.lb[k]]
-
-    def aux_input(self, k, h):
-        return self.lb[k](h) + self.ema[k](h)
-
-    def after_backward(self, k):
-        if k < self.n_modules - 1:
-            ema_update(self.ema[k], self.tracked[k], self.decay)
-
-    def reads_after_backward(self, k):
-        return [self.tracked_units[k]] if k < self.n_modules - 1 else []
-
 
 # MLAAN's leap chains (its configAuxPlus_new tables; ImageNet: ImageNet/networks/configAux_new.py): for
 # boundary i, the backbone blocks ("stage.block") whose copies form the aux network, keyed by (arch, modules
@@ -1815,6 +1733,26 @@ MLAAN_CHAINS = {
 }
 
 
+class MLAANDGL(DGL):
+    """MLAAN's DGL base (resnetDGLbin.py): DGL's cross-entropy on the MAN group's head, MLAANDGLAux."""
+
+    def make_aux(self, net, k, shape, num_classes):
+        return MLAANDGLAux(shape[0], num_classes)
+
+
+class MLAANImageNetGreedy(Greedy):
+    """MLAAN's independent heads on ImageNet (auxnet34.py, auxnet101.py): Greedy's cross-entropy on MLAANImageNetAux."""
+
+    def make_aux(self, net, k, shape, num_classes):
+        return MLAANImageNetAux(shape[0], num_classes)
+
+
+# MLAAN's bases, as its official files build them: (method of the independent heads, the options it changes for
+# them, method of the cascade heads). The InfoPro file's independent classifier is always 1c2f SupCon (kept).
+MLAAN_BASES = {"greedy": (Greedy, {}, Greedy), "dgl": (MLAANDGL, {}, MLAANDGL),
+               "infopro": (InfoPro, dict(aux_config="1c2f", local_loss="contrast"), InfoPro)}
+
+
 @register
 class MLAAN(LocalMethod):
     """MLAAN, Multilaminar Leap Augmented Auxiliary Network (Zhang et al., AAAI 2025, arXiv 2406.16633; official
@@ -1832,14 +1770,14 @@ class MLAAN(LocalMethod):
         L_i = 0.001 * loss_base(indep head(x_i)) + 0.999 * loss_base(cascade head(chain(y)))
         L_last = CE(FC(GAP(y_last)))   (the last module's loss also goes through the cascade)
 
-    Bases, as the official files: greedy = resnetMLAAN.py, the model the official train.py builds (GAP+Linear
-    heads, CE, D = 2); dgl = resnetDGLbin.py (MLAANDGLAux heads, CE, D = 3); infopro = resnetInfoProbin.py
-    (decoder + classifier on both branches, D = 3; the independent classifier is always 1c2f SupCon (a quirk
-    kept), the cascade one --aux-config / --local-loss (default 1c2f CE); weights (a, b) of recon / task with
-    r_i = s_i / (M - 2), s_i = stage of module i's last block, M = modules built; default lambdas 5, 0.5, 0, 0).
-    ImageNet ResNets (ResNet-34 K=16, ResNet-101 K=33; ImageNet/networks/resnet34.py, resnet101.py): the greedy
-    base only, with that code's heads (MLAANImageNetAux, CE), D = 3, the copies randomly initialised, every
-    boundary's EMA updated after its backward and the last one again at the end (--mlaan-ema all+last), and
+    The heads and loss_base are the base method's (MLAAN_BASES, as the official files): greedy = resnetMLAAN.py,
+    the model the official train.py builds (GAP + Linear, CE, D = 2); dgl = resnetDGLbin.py (MLAANDGLAux, CE,
+    D = 3); infopro = resnetInfoProbin.py (decoder + classifier on both branches, D = 3, the cascade classifier
+    --aux-config / --local-loss, default 1c2f CE; weights (a, b) of recon / task with r_i = s_i / (M - 2),
+    s_i = stage of module i's last block, M = modules built; default lambdas 5, 0.5, 0, 0). ImageNet ResNets
+    (ResNet-34 K=16, ResNet-101 K=33; ImageNet/networks/resnet34.py, resnet101.py): the greedy base only, with
+    that code's independent heads (MLAANImageNetAux), D = 3, the copies randomly initialised, every boundary's EMA
+    updated after its backward and the last one again at the end (--mlaan-ema all+last), and
     L_last = 0.001 CE(FC(x_last)) + 0.999 CE(FC(y_last)).
     Reproduced quirks: the stem merges into module 1 (ResNet-32 K=16 -> 15 modules, ResNet-110 K=55 -> 54);
     no loss before boundary D-1; CIFAR copies start equal to the freshly initialised blocks; the official CIFAR
@@ -1870,6 +1808,8 @@ class MLAAN(LocalMethod):
                          "InfoPro file, which never freezes them; its default)", choices=("frozen", "trained")))
     W_INDEP, W_CASCADE = 0.001, 0.999
     imagenet_protocol = dict(batch_size=128, lr=0.05, epochs=150)
+    eager_only = "MLAAN's cascade, which re-runs earlier modules from state kept between module steps,"
+    crosses_modules = "MLAAN's cascade backpropagates into the previous modules"
 
     @classmethod
     def adjust_ends(cls, ends, opts):
@@ -1888,87 +1828,74 @@ class MLAAN(LocalMethod):
         if getattr(opts, "dgl_head", "dgl") != "dgl":
             raise UserError("--dgl-head: MLAAN's DGL base always uses the MAN group's head (MLAANDGLAux)")
 
-    def __init__(self, net, opts, num_classes, shapes=None, chain=None):
-        LocalMethod.__init__(self, net, opts, num_classes, shapes=[])
-        self.kind, self.depth = chain[1], opts.mlaan_depth
+    def __init__(self, net, opts, num_classes):
+        super().__init__(net, opts, num_classes, shapes=[])
+        M, self.depth, self.base_name = net.K, opts.mlaan_depth, opts.chain[1]
+        self.first = self.depth - 1                         # first boundary with a loss
         self.imagenet = family(net.arch) == "imagenet"
-        self.contrast = self.kind == "infopro" and opts.local_loss == "contrast"
-        self.decay, self.ema_mode, self.net_ref = opts.ema_decay, opts.mlaan_ema, [net]
-        self.input_hw = net.input_shape[1:]
-        M, pos = net.K, {unit_position(net.arch, u): u for u in range(len(net.units))}
+        self.decay, self.ema_mode = opts.ema_decay, opts.mlaan_ema
+        pos = {unit_position(net.arch, u): u for u in range(len(net.units))}
         chains = [[pos[tuple(map(int, b.split(".")))] for b in c.split()] for n, c in MLAAN_CHAINS[(net.arch, M)]
                   for _ in range(n)]
-        self.first = self.depth - 1                         # first boundary with a loss
         live = range(self.first, M - 1)
         self.chain_units = {i: chains[i] for i in live}
-        shape = lambda i: net.unit_shapes[net.ends[i]]
         # CIFAR: built after the backbone's init and not re-initialised, so the copies start equal to the current
         # blocks. ImageNet: built before the init loop there, so every copy is random and independent.
-        dup = (lambda u: fresh_copy(u)) if self.imagenet else copy.deepcopy
+        dup = fresh_copy if self.imagenet else copy.deepcopy
         self.aug = nn.ModuleDict({str(i): nn.Sequential(*[dup(net.units[u]) for u in chains[i]]) for i in live})
         self.ema = nn.ModuleDict({str(i): dup(net.units[chains[i][0]]) for i in live if self.ema_mode != "none"})
         for p in self.ema.parameters():
             p.requires_grad_(opts.mlaan_copies == "trained")
-        self.indep = nn.ModuleDict({str(i): self._head(shape(i)[0], num_classes, opts, independent=True) for i in live})
-        c_last = net.unit_shapes[-1][0]
-        self.cascade = nn.ModuleDict({str(i): self._head(c_last, num_classes, opts, independent=False) for i in live})
-        init_weights(self.indep)
-        init_weights(self.cascade)
-        if self.kind == "infopro":
-            self.lambdas_all, self.lambda_source = opts.lambdas
-            stages = [net.stage(net.ends[i]) for i in range(M - 1)]
-            self.weights = interpolate_lambdas(self.lambdas_all, stage_positions(stages, M))
+        # The heads of boundary i, as its base method builds and scores them: on module i's own output, and on the
+        # leap chain's (the last block's shape). Both sets are initialised once both exist, as the official code.
+        local, changes, cascade = MLAAN_BASES[self.base_name]
+        local = MLAANImageNetGreedy if self.imagenet else local
+        r = stage_positions([net.stage(e) for e in net.ends[:-1]], M)
+        at_live = lambda shape: [shape(i) if i in live else None for i in range(M - 1)]
+        self.local = local(net, argparse.Namespace(**{**vars(opts), **changes}), num_classes,
+                           at_live(lambda i: net.unit_shapes[net.ends[i]]), r, init=False)
+        self.cascade = cascade(net, opts, num_classes, at_live(lambda i: net.unit_shapes[-1]), r, init=False)
+        init_weights(self.local.aux)
+        init_weights(self.cascade.aux)
         self.inputs, self.stem_out = [], None
 
-    def _head(self, c, num_classes, opts, independent):
-        if self.imagenet:
-            return MLAANImageNetAux(c, num_classes) if independent else GreedyAux(c, num_classes)
-        if self.kind == "greedy":
-            return GreedyAux(c, num_classes)
-        if self.kind == "dgl":
-            return MLAANDGLAux(c, num_classes)
-        if independent:                                     # the independent classifier: always 1c2f SupCon
-            return infopro_aux(c, opts, num_classes, self.input_hw, "1c2f", "contrast")
-        return infopro_aux(c, opts, num_classes, self.input_hw)
-
-    def summary(self):
-        s = f"base {self.kind}, cascade depth {self.depth}, EMA decay {self.decay} ({self.ema_mode})"
-        return s + (f"; lambdas {self.lambdas_all} [{self.lambda_source}]" if self.kind == "infopro" else "")
-
-    def aux_parts(self, k):
-        key = str(k)
-        return [d[key] for d in (self.aug, self.ema, self.indep, self.cascade) if key in d]
-
-    def aux_shape(self, k):
-        return self.net_ref[0].unit_shapes[self.net_ref[0].ends[k]]
-
-    def aux_note(self, k, net):
-        if k < self.first:
-            return "(no loss: trained by the next modules' cascade)"
-        return "leap " + ",".join(net.unit_name(u) for u in self.chain_units[k])
-
-    def start_module(self, k, h_in):
-        self.inputs = ([] if k == 0 else self.inputs[-(self.depth - 1):] if self.depth > 1 else []) + [h_in]
-
-    def run_module(self, net, k, h_in):
-        if k > 0:
-            return net.run(h_in, k)
-        with torch.enable_grad():                          # the stem runs once, and keeps its graph for the
-            self.stem_out = net.units[0](h_in)             # first cascade (the official `y = clone(stem(x))`)
-        h = self.stem_out
-        for u in net.units[1:net.bounds[0][1]]:
-            h = u(h)
-        return h
-
-    def module_needs_graph(self, k):
+    def forward(self, net, k, h_in, batch):
+        """Module k's forward and loss; the inputs of the last D modules are kept, for the cascade to re-run."""
+        last = k == self.K - 1
+        self.inputs = (self.inputs[-(self.depth - 1):] if k and self.depth > 1 else []) + [h_in]
         # The modules before the first boundary with a loss do not use their own graph (the cascade re-runs
         # them), nor does the last one on CIFAR (its loss is the cascade's): forward without one, saving memory.
-        return self.first <= k < self.n_modules - 1 or (self.imagenet and k == self.n_modules - 1)
+        with torch.set_grad_enabled(self.first <= k < self.K - 1 or (self.imagenet and last)):
+            if k == 0:
+                with torch.enable_grad():                  # the stem runs once, and keeps its graph for the
+                    self.stem_out = net.units[0](h_in)     # first cascade (the official `y = clone(stem(x))`)
+                h = self.stem_out
+                for u in net.units[1:net.bounds[0][1]]:
+                    h = u(h)
+            else:
+                h = net.run(h_in, k)
+        if last:
+            logits = net.head(self._cascade(net, k))        # the official last loss uses the cascade chain
+            loss = F.cross_entropy(logits, batch.y)
+            if self.imagenet:                               # ImageNet code: plus 0.001 x the module's own path
+                loss = self.W_INDEP * F.cross_entropy(net.head(h), batch.y) + self.W_CASCADE * loss
+            return h, loss, logits
+        if k < self.first:
+            return h, fp32(h.new_zeros(())), None
+        key = str(k)
+        y = self._cascade(net, k)
+        aug = self.aug[key]
+        u = aug[0](y) + self.ema[key](y) if key in self.ema else aug[0](y)
+        for blk in list(aug)[1:]:
+            u = blk(u)
+        l_x, _ = self.local.local_loss(k, h, batch)
+        l_y, logits = self.cascade.local_loss(k, u, batch)
+        return h, self.W_INDEP * l_x + self.W_CASCADE * l_y, logits
 
-    def _cascade(self, k):
+    def _cascade(self, net, k):
         """Re-run modules k-D+1..k from the detached input of the first one (same values, longer graph); from
         the stem's output when the first one is module 0."""
-        net, j0 = self.net_ref[0], k - len(self.inputs) + 1
+        j0 = k - len(self.inputs) + 1
         y, start = (self.stem_out, 1) if j0 == 0 else (self.inputs[0], net.bounds[j0][0])
         for u in net.units[start:net.bounds[k][1]]:
             y = u(y)
@@ -1976,47 +1903,29 @@ class MLAAN(LocalMethod):
             self.stem_out = None                           # (its graph is consumed by this loss's backward)
         return y
 
-    def _loss(self, head, z, batch, k, independent):
-        if self.kind != "infopro":
-            logits = head(z)
-            return F.cross_entropy(fp32(logits), batch.y), logits
-        # the independent classifier is always SupCon; zero-weighted terms are skipped (zero_grad_parts)
-        return infopro_loss(head, z, batch, *self.weights[k], independent or self.contrast)
-
-    def local_loss(self, k, z, batch):
-        if k < self.first:
-            return fp32(z.new_zeros(())), None
-        key = str(k)
-        y = self._cascade(k)
-        aug = self.aug[key]
-        u = aug[0](y) + self.ema[key](y) if key in self.ema else aug[0](y)
-        for blk in list(aug)[1:]:
-            u = blk(u)
-        l_x, _ = self._loss(self.indep[key], z, batch, k, True)
-        l_y, logits = self._loss(self.cascade[key], u, batch, k, False)
-        return self.W_INDEP * l_x + self.W_CASCADE * l_y, logits
-
-    def zero_grad_parts(self, k, loss):
-        if self.kind != "infopro" or str(k) not in self.indep:
-            return []
-        a, b = self.weights[k]                             # the originals compute 0 * term: zero gradients
-        return [heads[str(k)][n] for heads in (self.indep, self.cascade) for n, w in (("decoder", a), ("head", b))
-                if not w]
-
-    def final_loss(self, k, h, batch, net):
-        logits = net.head(self._cascade(k))                 # the official last loss uses the cascade chain
-        loss = F.cross_entropy(logits, batch.y)
-        if self.imagenet:                                   # ImageNet code: plus 0.001 x the module's own path
-            loss = self.W_INDEP * F.cross_entropy(net.head(h), batch.y) + self.W_CASCADE * loss
-        return loss, logits
-
-    def after_backward(self, k):
-        last = self.n_modules - 1
+    def after_backward(self, net, k):
+        last = self.K - 1
         every = [k] if k < last and self.ema_mode not in ("last", "none") else []
         at_end = [last - 1] if k == last and self.ema_mode in ("last", "all+last") else []
         for i in every + at_end:
             if str(i) in self.ema:
-                ema_update(self.ema[str(i)], self.net_ref[0].units[self.chain_units[i][0]], self.decay)
+                ema_update(self.ema[str(i)], net.units[self.chain_units[i][0]], self.decay)
+
+    def parts(self, k):
+        key = str(k)
+        return [] if k < self.first else \
+            [self.aug[key], *([self.ema[key]] if key in self.ema else []), self.local.aux[k], self.cascade.aux[k]]
+
+    def describe(self, net, k):
+        shape = net.unit_shapes[net.ends[k]]
+        if k < self.first:
+            return shape, "(no loss: trained by the next modules' cascade)"
+        return shape, "leap " + ",".join(net.unit_name(u) for u in self.chain_units[k])
+
+    def summary(self):
+        s = f"base {self.base_name}, cascade depth {self.depth}, EMA decay {self.decay} ({self.ema_mode})"
+        return s + (f"; lambdas {self.local.lambdas_all} [{self.local.lambda_source}]"
+                    if self.base_name == "infopro" else "")
 
 
 def sgr_distance(a, b, kind):
@@ -2050,7 +1959,8 @@ def sgr_term(loss, h_in, target, kind):
 @register
 class SGR(AddOn):
     """SGR, Successive Gradient Reconciliation (Yang et al., "Towards Interpretable Deep Local Learning with
-    Successive Gradient Reconciliation", ICML 2024). No official code; this follows ../shared/specs/sgr.md.
+    Successive Gradient Reconciliation", ICML 2024). No official code exists; README "Fidelity notes" lists what
+    the paper states and what is our choice.
 
     Module j's loss gains a term that reconciles its input gradient with the gradient module j-1 trained on:
 
@@ -2063,8 +1973,9 @@ class SGR(AddOn):
     name = "sgr"
     # Not MLAAN: its losses reach the module's input through the cascade re-run, not through h_{j-1}.
     bases, default_base = ("greedy", "dgl", "predsim", "infopro", "auglocal", "man"), "infopro"
-    hands_off = True                                        # b_{j-1} travels with the activation between stages
-
+    eager_only = "SGR's double backward"
+    double_backward = True
+    carried = ("target",)                                   # b_{j-1}, handed from module j-1's step to module j's
     options = dict(
         sgr_weight=Opt(0.1, "SGR: weight lambda of the reconciliation term", type=float, lo=0),
         sgr_distance=Opt("sq_l2", "SGR: distance between the two gradients (on per-sample, batch-scaled gradients)",
@@ -2072,66 +1983,52 @@ class SGR(AddOn):
         sgr_target=Opt("plain", "SGR: b_j is the gradient of module j's plain local loss, or of the loss with its "
                        "own term", choices=("plain", "regularised")))
 
-    def needs_input_grad(self, k):
-        return k > 0 and self.target is not None
-
-    # The double backward needs every op of the module and its aux net to be twice differentiable: attention
-    # runs on PyTorch's math kernel here (the fused CPU/GPU kernels have no double backward).
-    def run_module(self, net, k, h_in):
-        with double_differentiable():
-            return self.base.run_module(net, k, h_in)
-
-    def local_loss(self, k, z, batch):
-        with double_differentiable():
-            return self.base.local_loss(k, z, batch)
-
-    def final_loss(self, k, h, batch, net):
-        with double_differentiable():
-            return self.base.final_loss(k, h, batch, net)
-
     @classmethod
     def check(cls, net, opts):
         if opts.amp == "fp16":
             raise UserError("--method sgr: double backward under fp16 loss scaling is not supported; use --amp bf16")
+        if opts.sync_bn:
+            raise UserError("--sync-bn with SGR: SyncBatchNorm's backward cannot be differentiated again (SGR's "
+                            "double backward); drop --sync-bn")
 
-    def __init__(self, net, opts, num_classes, shapes=None, chain=None):
-        super().__init__(net, opts, num_classes, shapes, chain)
+    def __init__(self, net, opts, num_classes, shapes=None, r=None, init=True):
+        super().__init__(net, opts, num_classes, shapes, r, init)
         self.weight, self.kind, self.plain_target = opts.sgr_weight, opts.sgr_distance, opts.sgr_target == "plain"
         self.target = None
 
-    def start_module(self, k, h_in):
+    def forward(self, net, k, h_in, batch):
         if k == 0:
             self.target = None                              # module 1 has no predecessor
-        self.base.start_module(k, h_in)
+        h_in.requires_grad_(k > 0 and self.target is not None)
+        # The double backward needs every op of the module and its aux net to be twice differentiable: attention
+        # runs on PyTorch's math kernel here (the fused CPU/GPU kernels have no double backward).
+        with double_differentiable():
+            return super().forward(net, k, h_in, batch)
 
-    def handoff(self):
-        return self.target
-
-    def receive(self, t):
-        self.target = t
-
-    def summary(self):
-        return f"lambda {self.weight}, {self.kind}, target {'plain' if self.plain_target else 'regularised'}; " + \
-            super().summary()
-
-    def backward(self, k, loss, h_in, h_out, scaler):
+    def backward(self, k, loss, h_in, h):
         if not loss.requires_grad:
             self.target = None
             return
         total = loss
         if k > 0 and self.target is not None and h_in.requires_grad:
             total = loss + self.weight * sgr_term(loss, h_in, self.target, self.kind)
-        if k < self.n_modules - 1:                          # b_k, handed to module k+1 (detached)
-            self.target = torch.autograd.grad(loss if self.plain_target else total, h_out, retain_graph=True)[0]
-        self.base.backward(k, total, h_in, h_out, scaler)
+        if k < self.K - 1:                                  # b_k, handed to module k+1 (detached)
+            self.target = torch.autograd.grad(loss if self.plain_target else total, h, retain_graph=True)[0]
+        self.base.backward(k, total, h_in, h)
+
+    def summary(self):
+        return f"lambda {self.weight}, {self.kind}, target {'plain' if self.plain_target else 'regularised'}; " + \
+            super().summary()
 
 
 # ---- putting a method together: chains, options, attach -------------------------------------------------------
-# `attach(net, "sgr", base="man+dgl", sgr_weight=0.2)` is how the command line and a user's script build a
-# method: the chain of methods is validated, its options are resolved (the one place where defaults live), the
-# split is adjusted where a method requires it, and the method is built on the net's dry-run shapes.
+# `attach(net, "sgr", base="man+dgl", sgr_weight=0.2)` is how a user's script builds a method, and the command
+# line does the same in two steps (resolve_config, then build_method): the chain of methods is validated, its
+# options are resolved (the one place where their defaults live), the split is adjusted where a method requires
+# it, and the method is built on the net's dry-run shapes.
 
-CONTEXT = dict(dataset=None, arch=None, K=None, balanced_memory=False, amp="none")  # what option defaults may use
+CONTEXT = dict(dataset=None, arch=None, K=None, balanced_memory=False, amp="none", sync_bn=False)  # option defaults
+                                                                                                   # may read these
 
 
 def method_chain(method, base=None):
@@ -2164,6 +2061,11 @@ def all_options():
     return out
 
 
+def option_flags():
+    """The names of the method options that are command-line flags (and keywords of `attach`)."""
+    return [name for name, o in all_options().items() if o.help is not None]
+
+
 def method_options(chain, given, **context):
     """Resolve every option of the methods in `chain`, in one place: the value given (None = not given), else
     what the nearest add-on above sets for its base (`base_defaults`), else the option's own default (which may
@@ -2186,49 +2088,37 @@ def method_options(chain, given, **context):
             value = next((c.base_defaults[b][name] for c, b in zip(classes, chain[1:])
                           if name in c.base_defaults.get(b, {})), o.default)
             value = value(opts) if callable(value) else value
-        flag = f"--{name.replace('_', '-')}"
-        if o.lo is not None and value is not None and value < o.lo:
-            raise UserError(f"{flag} must be >= {o.lo}, got {value}")
-        if o.positive and value is not None and value <= 0:
-            raise UserError(f"{flag} must be a positive number, got {value}")
-        if o.hi is not None and value is not None and value > o.hi:
-            raise UserError(f"{flag} must be in [{o.lo}, {o.hi}], got {value}")
-        if o.choices and value not in o.choices:
-            raise UserError(f"{flag} {value}: one of {', '.join(o.choices)}")
+        o.check(name, value)
         setattr(opts, name, value)
     if "lambdas" in declared:   # weight flags given on the command line override single entries of the default
         opts.lambdas = resolve_lambdas([getattr(opts, n) for n in LAMBDA_NAMES], *opts.lambdas)
     return opts
 
 
-def make_method(net, chain, opts, num_classes, shapes=None):
-    """Build chain[0] (add-ons build their base themselves, from chain[1:])."""
-    return METHODS[chain[0]](net, opts, num_classes, shapes=shapes, chain=list(chain))
-
-
-def attach(net, method, base=None, num_classes=None, dataset=None, K=None, balanced_memory=False, amp="none",
-           **options):
-    """Build `method` (with `base` for add-ons, e.g. attach(net, "man", base="dgl")) for the LocalNet `net`.
-
-    Options are keyword arguments named like the command-line flags (ema_decay=0.99, aux_depth=3, ...); one that
-    does not apply to this method chain is an error. num_classes defaults to the width of the net's head; the
-    context (dataset, nominal K, ...) picks published defaults where there are some (InfoPro's lambdas). The
-    net's split is changed where the method requires it: MAN and MLAAN merge a stem-alone module into module 1,
-    AugLocal's last module takes the final d + 1 units. Returns the method (an nn.Module holding the aux nets)."""
-    chain = method_chain(method, base)
-    opts = method_options(chain, options, dataset=dataset, arch=net.arch, K=net.K if K is None else K,
-                          balanced_memory=balanced_memory, amp=amp)
+def build_method(net, opts, num_classes):
+    """Build the method chain of `opts` for `net`, whose split is first changed where a method requires it (MAN and
+    MLAAN merge a stem-alone module into module 1, AugLocal's last module takes the final d + 1 units)."""
     ends = list(net.ends)
-    for name in reversed(chain):                           # the innermost base first
+    for name in reversed(opts.chain):                      # the innermost base first
         ends = METHODS[name].adjust_ends(ends, opts)
     if ends != net.ends:
         net.set_split(ends)
-    for name in chain:
+    for name in opts.chain:
         METHODS[name].check(net, opts)
-    method = make_method(net, chain, opts, num_classes or net.num_classes)
-    method.opts = opts                                     # the resolved options, printed with the config
-    return method
+    return METHODS[opts.chain[0]](net, opts, num_classes)
 
+
+def attach(net, method, base=None, num_classes=None, **options):
+    """Build `method` (with `base` for add-ons, e.g. attach(net, "man", base="dgl")) for the LocalNet `net`.
+
+    Options are keyword arguments named like the command-line flags (ema_decay=0.99, aux_depth=3, ...); one that
+    does not apply to this method chain is an error. The context keywords dataset, K (the nominal K),
+    balanced_memory and amp pick published defaults where there are some (InfoPro's lambdas). num_classes
+    defaults to the width of the net's head. Returns the method (an nn.Module holding the aux nets)."""
+    context = {k: options.pop(k) for k in list(options) if k in CONTEXT and k != "arch"}
+    context = dict(context, arch=net.arch, K=net.K if context.get("K") is None else context["K"])
+    opts = method_options(method_chain(method, base), options, **context)
+    return build_method(net, opts, num_classes or net.num_classes)
 
 # =============================================================================================================
 # 6. Memory meter
@@ -2303,7 +2193,7 @@ MiB = 2 ** 20
 
 
 # =============================================================================================================
-# 7. Training step
+# 7. Training: the step and the epoch
 # =============================================================================================================
 
 def make_sgd(params, lr, wd):
@@ -2315,34 +2205,6 @@ def make_sgd(params, lr, wd):
         return torch.optim.SGD(params, fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.SGD(params, foreach=True, **kw)
-
-
-def use_channels_last(device, chain):
-    """NHWC memory format for the convolutions: faster on CUDA and, measured, on CPU (oneDNN kernels), except
-    for SGR's double backward on CPU, which is slower in it."""
-    return device.type == "cuda" or (device.type == "cpu" and "sgr" not in chain)
-
-
-def compile_modules(net, method, mode, device, backend="inductor"):
-    """--compile: torch.compile of module_forward for each module -- the module, its aux net and its local loss in
-    one graph, so that the backward through them is compiled too. Per module (not the whole step) because the
-    step's loop, hooks and per-module backward calls are Python between the graphs; modules of the same shape
-    share compiled code through the FX graph cache. Returns {k: callable}, or None (eager, with a printed line)
-    where it cannot apply: SGR's double backward. The activation meter's iterations (--mem-iters) run eager."""
-    why = {"sgr": "SGR's double backward", "mlaan": "MLAAN's cascade, which re-runs earlier modules from state kept "
-           "between module steps,"}
-    eager = [n for n in method.opts.chain if n in why]
-    if eager:
-        print(f"--compile: {why[eager[0]]} cannot run compiled; this run is eager", flush=True)
-        return None
-    if mode == "reduce-overhead" and device.type != "cuda":
-        raise UserError("--compile reduce-overhead uses CUDA graphs: CUDA only (use --compile default)")
-    import functools
-    cfg = torch._dynamo.config
-    cfg.cache_size_limit = max(cfg.cache_size_limit, 4 * net.K)   # one cache entry per module (and batch shape)
-    mode = None if mode == "default" else mode
-    return {k: torch.compile(functools.partial(module_forward, net, method, k), mode=mode, backend=backend)
-            for k in range(net.K)}
 
 
 def lr_at(epoch, lr0, epochs, warmup, schedule="cifar"):
@@ -2357,111 +2219,98 @@ def lr_at(epoch, lr0, epochs, warmup, schedule="cifar"):
     return c
 
 
-def forward_backward(net, method, batch, scaler=None, autocast=None, on_module_done=None, compiled=None):
-    """One iteration's forward and backward passes, module by module (the caller zeroes the gradients before and
-    steps the optimizer after). Returns on-device stats [final loss, final correct, local loss_0..K-2, local
-    correct_0..K-2] (correct = -1 where a loss has no logits). `scaler` (a GradScaler, for fp16) and `autocast`
-    (a torch.autocast context) are optional.
-
-    For k < K-1: h = f_k(sg(h)) -> L_k = local loss -> backward -> (hook) -> detach. The graph of module k is freed
-    by its backward before module k+1's forward: that is where the memory saving comes from. Summing the local
-    losses and calling backward once would keep every module's activations alive at the same time."""
-    _, losses, correct = run_modules(net, method, batch, batch.x, range(net.K), scaler, autocast, on_module_done,
-                                     compiled=compiled)
-    return torch.stack([losses[-1], correct[-1]] + losses[:-1] + correct[:-1])
+@dataclass
+class Step:
+    """How the training step runs around the math: mixed precision (an autocast context, a GradScaler for fp16),
+    compiled modules (--compile: k -> module k's compiled forward and loss), and a function called with k once
+    module k's gradients are final (section 9 starts its gradient all-reduce there)."""
+    autocast: object = field(default_factory=contextlib.nullcontext)
+    scaler: object = field(default_factory=lambda: torch.amp.GradScaler(enabled=False))
+    compiled: dict = None
+    after_module: object = None
 
 
-def module_forward(net, method, k, h_in, batch):
-    """Module k's forward and its loss: the local loss through its aux net, or the network's own head."""
-    with torch.set_grad_enabled(method.module_needs_graph(k)):
-        h = method.run_module(net, k, h_in)
-    if k < net.K - 1:
-        loss, logits = method.local_loss(k, method.aux_input(k, h), batch)
-    else:
-        loss, logits = method.final_loss(k, h, batch, net)
-    return h, loss, logits
+def module_parts(net, method, k):
+    """What module k's loss trains: its backbone units and its aux nets (the last module: the network's head)."""
+    a, b = net.bounds[k]
+    return [*net.units[a:b], *(method.parts(k) if k < net.K - 1 else [net.head])]
 
 
-def run_modules(net, method, batch, h, modules, scaler, autocast, on_module_done=None, deferred=(), compiled=None):
-    """Forward -> loss -> backward of `modules` (consecutive indices), starting from their input h. Returns the
-    last module's output (detached) and each module's loss and correct count (on the device). A module in
-    `deferred` gets its after_backward hook later, from the caller (a pipeline stage waiting for weights).
-    `compiled` maps module indices to compiled versions of module_forward (--compile)."""
-    K, y = net.K, batch.y
-    scaler = scaler or torch.amp.GradScaler(enabled=False)
-    autocast = autocast or contextlib.nullcontext()
+def run_modules(net, method, batch, h, modules, step):
+    """Forward -> loss -> backward of `modules` (consecutive indices), module by module, starting from their input
+    h. Returns the last module's output (detached) and each module's loss and correct count (on the device).
+
+    Module k's graph is freed by its backward before module k+1's forward: that is where the memory saving comes
+    from. Summing the local losses and calling backward once would keep every module's activations alive."""
     losses, correct = [], []
     for k in modules:
         h_in = h.detach()
-        if method.needs_input_grad(k):
-            h_in.requires_grad_(True)
-        method.start_module(k, h_in)
-        with autocast:
-            if compiled:
-                h, loss, logits = compiled[k](h_in, batch)
-            else:
-                h, loss, logits = module_forward(net, method, k, h_in, batch)
-        method.backward(k, loss, h_in, h, scaler)
+        with step.autocast:
+            h, loss, logits = step.compiled[k](h_in, batch) if step.compiled else method(net, k, h_in, batch)
+        method.backward(k, step.scaler.scale(loss), h_in, h)
         # What the originals backpropagate as 0 * loss (a term, or a whole local loss, whose weight is 0) still
         # gets a zero gradient here, without the work: weight decay and momentum keep moving those parameters.
-        parts = [] if k == K - 1 else method.zero_grad_parts(k, loss) + (
-            [] if loss.requires_grad else list(net.units[slice(*net.bounds[k])]))
-        for p in (p for part in parts for p in part.parameters()):
-            if p.requires_grad and p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if k not in deferred:
-            method.after_backward(k)
-        if on_module_done is not None:
-            on_module_done(k)
+        if k < net.K - 1:
+            for p in (p for part in module_parts(net, method, k) for p in part.parameters()):
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        if step.after_module is not None:
+            step.after_module(k)
+        method.after_backward(net, k)
         losses.append(loss.detach().float())
-        correct.append((logits.argmax(1) == y).sum().float() if logits is not None else
-                       torch.full((), -1.0, device=y.device))
+        correct.append((logits.argmax(1) == batch.y).sum().float() if logits is not None else
+                       torch.full((), -1.0, device=batch.y.device))
     return h.detach(), losses, correct
 
 
-def train_step(net, method, opt, batch, scaler=None, autocast=None, meter=None, sync=None, weight=1.0, compiled=None):
-    """One iteration: forward_backward (under the activation meter if given), then one SGD step for every module
-    and aux net. `sync` averages gradients over data-parallel ranks (section 9); `weight` = this rank's share
-    of the global batch. Metered iterations run eager (the meter's hooks count what eager autograd saves)."""
-    scaler = scaler or torch.amp.GradScaler(enabled=False)
+def forward_backward(net, method, batch, scaler=None, autocast=None, on_module_done=None, compiled=None):
+    """One iteration's forward and backward passes, module by module (the caller zeroes the gradients before and
+    steps the optimizer after). Returns on-device stats [final loss, final correct, local loss_0..K-2, local
+    correct_0..K-2] (correct = -1 where a loss has no logits). `scaler` (a GradScaler, for fp16), `autocast` (a
+    torch.autocast context), `on_module_done(k)` and `compiled` (compile_modules) are optional."""
+    step = Step(autocast or contextlib.nullcontext(), scaler or torch.amp.GradScaler(enabled=False), compiled,
+                on_module_done)
+    _, losses, correct = run_modules(net, method, batch, batch.x, range(net.K), step)
+    return torch.stack([losses[-1], correct[-1]] + losses[:-1] + correct[:-1])
+
+
+def train_step(net, method, opt, batch, step=None, meter=None):
+    """One iteration: forward_backward (under the activation meter if given: metered iterations run eager, the
+    meter's hooks count what eager autograd saves), then one SGD step for every module and aux net."""
+    step = step or Step()
     opt.zero_grad(set_to_none=True)
-    if sync is not None:
-        sync.start(weight)
     with meter if meter is not None else contextlib.nullcontext():
-        s = forward_backward(net, method, batch, scaler, autocast, sync.module_done if sync is not None else None,
-                             compiled if meter is None else None)
-    if sync is not None:
-        sync.finish()
-    scaler.step(opt)
-    scaler.update()
+        s = forward_backward(net, method, batch, step.scaler, step.autocast, step.after_module,
+                             step.compiled if meter is None else None)
+    step.scaler.step(opt)
+    step.scaler.update()
     return s
 
 
-def train_epoch(net, method, opt, loader, scaler, autocast, spec_t, params, mem_iters, log_secs, epoch, epochs,
-                sync=None, compiled=None):
-    """One epoch. Host syncs happen only at progress lines and at the end (stats are summed on the device).
-    Returns the summed stats, images and steps trained, seconds and the activation peak."""
-    net.train()
-    method.train()
-    mean, std = spec_t
-    stats, seen, steps, t0, last_log = None, 0, 0, time.time(), time.time()
-    meter = ActivationMeter(params)
-    n_iters = len(loader)
-    for it, (x, y) in enumerate(loader):
-        s = train_step(net, method, opt, Batch(x, y, mean, std), scaler, autocast, meter if it < mem_iters else None,
-                       sync, len(y) / loader.global_batch(it), compiled)
-        s = torch.cat([s[:1] * len(y), s[1:2], s[2:]])
-        stats = s if stats is None else stats + s
-        seen, steps = seen + len(y), steps + 1
-        if time.time() - last_log > log_secs and it + 1 < n_iters:
-            last_log = time.time()
-            loss = stats[0].item() / seen
-            check_finite(loss, epoch, it)
-            rate = seen / (last_log - t0)
-            eta = (n_iters - it - 1) * (last_log - t0) / (it + 1)
-            print(f"  epoch {epoch}/{epochs} iter {it + 1}/{n_iters}  loss {loss:.4f}  {rate:.0f} img/s  "
-                  f"eta {eta:.0f}s{'  (rank 0)' if sync is not None else ''}", flush=True)
-    return stats, seen, steps, time.time() - t0, meter.peak
+def use_channels_last(device, method):
+    """NHWC memory format for the convolutions: faster on CUDA and, measured, on CPU (oneDNN kernels), except
+    for a double backward (SGR) on CPU, which is slower in it."""
+    double = any(METHODS[n].double_backward for n in method.opts.chain)
+    return device.type == "cuda" or (device.type == "cpu" and not double)
+
+
+def compile_modules(net, method, mode, device, backend="inductor"):
+    """--compile: torch.compile of each module's forward and loss (the module, its aux net and its local loss in
+    one graph, so that the backward through them is compiled too). Per module (not the whole step) because the
+    step's loop and per-module backward calls are Python between the graphs; modules of the same shape share
+    compiled code through the FX graph cache. Returns {k: callable}, or None (eager, with a printed line) for a
+    method that cannot run compiled (`eager_only`). The activation meter's iterations (--mem-iters) run eager."""
+    why = next((METHODS[n].eager_only for n in method.opts.chain if METHODS[n].eager_only), None)
+    if why:
+        print(f"--compile: {why} cannot run compiled; this run is eager", flush=True)
+        return None
+    if mode == "reduce-overhead" and device.type != "cuda":
+        raise UserError("--compile reduce-overhead uses CUDA graphs: CUDA only (use --compile default)")
+    cfg = torch._dynamo.config   # one cache entry per module (and batch shape), raised only around these calls
+    limit = cfg.patch(cache_size_limit=max(cfg.cache_size_limit, 4 * net.K))
+    mode = None if mode == "default" else mode
+    return {k: limit(torch.compile(functools.partial(method.forward, net, k), mode=mode, backend=backend))
+            for k in range(net.K)}
 
 
 def check_finite(loss, epoch, it=None):
@@ -2470,30 +2319,145 @@ def check_finite(loss, epoch, it=None):
         raise UserError(f"training loss became {loss} at {where}; lower --lr (or use --amp none)")
 
 
+class Trainer:
+    """A run on one device: every batch, the whole model, one optimizer -- what the one training loop (`fit`,
+    section 10) asks of a run. Section 9's data-parallel and pipelined runs are subclasses that change what
+    differs: which batches and parameters a process owns, and how the processes combine their numbers."""
+    world = 1                     # processes in the run
+    writes = True                 # this process writes --out and --save (of several processes, one does)
+    note = ""                     # appended to progress lines
+
+    def __init__(self, net, method, step, data, mem_iters=2, log_secs=30.0):
+        self.net, self.method, self.step = net, method, step
+        self.train_loader, self.test_loader = data
+        self.mem_iters, self.log_secs = mem_iters, log_secs
+        self.params = [*net.parameters(), *method.parameters()]
+        self.device = next(net.parameters()).device
+        self.norm = norm_tensors(self.train_loader.spec, self.device)
+
+    def config(self):
+        """What the config line adds about this run."""
+        n = lambda m: sum(p.numel() for p in m.parameters())
+        return dict(device=str(self.device), world_size=self.world, modules=self.net.K,
+                    train_images=len(self.train_loader.labels), params_backbone=n(self.net), params_aux=n(self.method))
+
+    def optimizer(self, lr, wd):
+        return make_sgd(self.params, lr, wd)
+
+    def clock(self):
+        """Wall time once the device has done what it was given (and, section 9, every process has)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.time()
+
+    def train_epoch(self, opt, epoch, epochs, untimed=0, last=False):
+        """One epoch; its first `untimed` steps are not timed (--bench's warm-up). Statistics are summed on the
+        device: host syncs happen only at progress lines and at the end. Returns the row's training columns."""
+        self.net.train()
+        self.method.train()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        meter, stats, seen, steps, n_iters = ActivationMeter(self.params), None, 0, 0, len(self.train_loader)
+        t0 = t_timed = last_log = self.clock()
+        for it, (x, y) in enumerate(self.train_loader):
+            if it == untimed and it:
+                t_timed = self.clock()
+            s = train_step(self.net, self.method, opt, Batch(x, y, *self.norm), self.step,
+                           meter if it < self.mem_iters else None)
+            s = torch.cat([s[:1] * len(y), s[1:2], s[2:]])
+            stats = s if stats is None else stats + s
+            seen, steps = seen + len(y), steps + 1
+            if time.time() - last_log > self.log_secs and it + 1 < n_iters:
+                last_log = time.time()
+                loss = stats[0].item() / seen
+                check_finite(loss, epoch, it)
+                rate, eta = seen / (last_log - t0), (n_iters - it - 1) * (last_log - t0) / (it + 1)
+                print(f"  epoch {epoch}/{epochs} iter {it + 1}/{n_iters}  loss {loss:.4f}  {rate:.0f} img/s  "
+                      f"eta {eta:.0f}s{self.note}", flush=True)
+        secs = self.clock() - t_timed
+        if stats is None:
+            raise UserError("no training batch: the training set is smaller than 2 images per process")
+        stats, seen = self.gather(stats, seen)
+        s, K, cuda = stats.tolist(), self.net.K, self.device.type == "cuda"
+        return dict(loss=s[0] / seen, train_acc=100.0 * s[1] / seen,
+                    aux_acc=[None if c < 0 else 100.0 * c / seen for c in s[2 + (K - 1):]],
+                    local_loss=[v / steps / self.world for v in s[2:2 + (K - 1)]], act_peak_bytes=meter.peak,
+                    cuda_peak_alloc=torch.cuda.max_memory_allocated(self.device) if cuda else None,
+                    cuda_peak_reserved=torch.cuda.max_memory_reserved(self.device) if cuda else None,
+                    img_s=seen / secs, sec=secs, seen=seen, untimed_s=t_timed - t0)
+
+    def gather(self, stats, seen):
+        """The epoch's summed statistics over the run's processes (one process: as they are)."""
+        return stats, seen
+
+    def evaluate(self):
+        """Test accuracy (%) of the backbone and its head."""
+        correct, n = self.gather(*evaluate(self.net, self.test_loader, self.step.autocast))
+        return 100.0 * float(correct) / max(n, 1)
+
+    def state(self, opt):
+        return dict(net=self.net.state_dict(), method=self.method.state_dict(), opt=opt.state_dict(),
+                    scaler=self.step.scaler.state_dict(), gen=self.train_loader.gen.get_state(),
+                    cpu_rng=torch.get_rng_state())
+
+    def load(self, ck, opt):
+        self.net.load_state_dict(ck["net"])
+        self.method.load_state_dict(ck["method"])
+        opt.load_state_dict(ck["opt"])
+        self.step.scaler.load_state_dict(ck["scaler"])
+        self.train_loader.gen.set_state(ck["gen"])
+        torch.set_rng_state(ck["cpu_rng"])
+
+    def save(self, path, meta, opt):
+        if self.writes:
+            atomic_save({**self.state(opt), **meta}, path)
+
+    header = f"{'act MiB':>8} {'cuda MiB':>8} {'img/s':>7} {'sec':>6}  aux acc% per module"
+
+    def row_text(self, row):
+        """The per-epoch row's columns after the accuracies (header: `header`)."""
+        aux = " ".join("  -" if a is None else f"{a:3.0f}" for a in row["aux_acc"])
+        cuda = f"{row['cuda_peak_alloc'] / MiB:8.0f}" if row["cuda_peak_alloc"] is not None else f"{'-':>8}"
+        return f"{row['act_peak_bytes'] / MiB:8.1f} {cuda} {row['img_s']:7.0f} {row['sec']:6.1f}  {aux}"
+
+    def result(self, history, ran, opt):
+        """What the final JSON line adds about this run (`ran`: the epochs this process trained)."""
+        last, secs = history[-1] if history else {}, sum(r["sec"] for r in ran)
+        return dict(act_peak_bytes=max((h["act_peak_bytes"] for h in history), default=None),
+                    cuda_peak_alloc=last.get("cuda_peak_alloc"), cuda_peak_reserved=last.get("cuda_peak_reserved"),
+                    **state_bytes(self.params, opt), train_img_s=sum(r["seen"] for r in ran) / secs if secs else None)
+
+    def bench(self, row, opt):
+        """What a --bench JSON line adds about this run."""
+        out = dict(compiled=self.step.compiled is not None, warmup_s=round(row["untimed_s"], 2),
+                   act_peak_bytes=row["act_peak_bytes"], act_peak_mib=round(row["act_peak_bytes"] / MiB, 2),
+                   **state_bytes(self.params, opt))
+        if self.device.type == "cuda":
+            out.update(cuda_peak_alloc=row["cuda_peak_alloc"], cuda_peak_reserved=row["cuda_peak_reserved"])
+        return out
+
+
 # =============================================================================================================
 # 8. Evaluation
 # =============================================================================================================
 
 @torch.no_grad()
-def evaluate(net, loader, autocast, ddp=None):
-    """Test accuracy of backbone + final head only (aux nets are training scaffolding), BN in eval mode. Data
-    parallel: each rank evaluates its part of every batch, the counts are summed."""
+def evaluate(net, loader, autocast=contextlib.nullcontext()):
+    """What the test accuracy counts: the backbone and its final head only (aux nets are training scaffolding),
+    BN in eval mode. Returns (correct, images): correct on the device, no host sync."""
     net.eval()
     correct, n = torch.zeros((), device=next(net.parameters()).device), 0
     for x, y in loader:
         with autocast:
             correct += (net(x).argmax(1) == y).sum()
         n += len(y)
-    if ddp is not None:
-        correct, n = ddp.sum(correct), int(ddp.sum(n).item())
-    return 100.0 * correct.item() / max(n, 1)
-
+    return correct, n
 
 # =============================================================================================================
 # 9. Distributed and pipelined execution (a single-device reader can skip this section)
 # =============================================================================================================
 # `torchrun --nproc_per_node=N local_learning.py ...` starts N processes; torch.distributed connects them (NCCL
-# between GPUs, gloo on CPU), one device per rank. Two ways to use them:
+# between GPUs, gloo on CPU), one device per rank. Two ways to use them, each a Trainer (section 7) of its own:
 #
 # Data parallelism (the default). Every rank holds the whole model and trains on its own part of each global
 # batch (--batch-size stays the global batch); gradients are averaged over the ranks. Local learning makes
@@ -2506,68 +2470,139 @@ def evaluate(net, loader, autocast, ddp=None):
 # Module parallelism (--pipeline, further below): rank s owns a contiguous group of modules and passes
 # activations on to rank s+1, so all ranks compute at once on different batches.
 
-class DataParallel:
-    """The process group of a data-parallel torchrun launch: this rank, the world size, and the collectives the
-    training loop needs."""
+class RankError(UserError):
+    """A problem of one rank alone (e.g. its device): that rank reports it, where otherwise rank 0 speaks."""
 
-    def __init__(self, device):
-        self.rank, self.world, self.device = dist.get_rank(), dist.get_world_size(), device
 
-    def prepare(self, net, method, sync_bn):
-        """SyncBatchNorm if asked; then every rank starts from rank 0's weights and buffers."""
-        if sync_bn:
-            if "sgr" in method.opts.chain:
-                raise UserError("--sync-bn with SGR: SyncBatchNorm's backward cannot be differentiated again (SGR's "
-                                "double backward); drop --sync-bn")
-            if self.device.type != "cuda":
-                raise UserError("--sync-bn needs CUDA devices (SyncBatchNorm runs on NCCL only); this run uses "
-                                f"{self.device.type} with gloo")
-            nn.SyncBatchNorm.convert_sync_batchnorm(net)
-            nn.SyncBatchNorm.convert_sync_batchnorm(method)
-        for t in list(net.state_dict().values()) + list(method.state_dict().values()):
-            dist.broadcast(t, 0)
+@contextlib.contextmanager
+def one_voice():
+    """Under torchrun every rank runs this program; only rank 0 prints (errors still reach stderr)."""
+    if os.environ.get("RANK", "0") == "0":
+        yield
+        return
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        yield
 
-    def broadcast_buffers(self, net):
-        """Rank 0's BatchNorm running statistics to every rank (what DDP's broadcast_buffers does), so that the
-        ranks evaluate one model."""
-        for b in net.buffers():
-            dist.broadcast(b, 0)
 
-    def sum(self, t):
-        t = torch.as_tensor(t, dtype=torch.float64 if not torch.is_tensor(t) else t.dtype, device=self.device)
-        dist.all_reduce(t)
-        return t
+def join_torchrun(device, pipeline, sync_bn):
+    """Join the process group of a torchrun launch of several processes; returns this rank's device. Returns
+    None for one process: nothing changes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        if sync_bn or pipeline:
+            raise UserError(f"{'--sync-bn' if sync_bn else '--pipeline'} needs several processes: launch with "
+                            f"torchrun --nproc_per_node=N local_learning.py ...")
+        return None
+    if not dist.is_available():
+        raise UserError("this PyTorch build has no torch.distributed; run one process")
+    local, kind = int(os.environ.get("LOCAL_RANK", "0")), pick_device(device).type
+    if kind == "mps":
+        raise UserError("torchrun on MPS is not supported (no torch.distributed backend); use --device cpu")
+    if kind == "cuda":
+        if local >= torch.cuda.device_count():
+            raise RankError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s) on this node")
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+    return torch.device("cuda", local) if kind == "cuda" else torch.device("cpu")
+
+
+def distributed_trainer(cfg, net, method, step, data, ck=None):
+    """The Trainer of this rank of a torchrun launch: a pipeline stage (--pipeline) or a data-parallel rank.
+    `data()` loads the (train, test) loaders; `ck`: the checkpoint being resumed."""
+    if cfg.pipeline:
+        return Pipeline(net, method, step, data, cfg.mem_iters, pipeline_cut(cfg, net, method, step, ck))
+    world = dist.get_world_size()
+    if cfg.batch_size < 2 * world:
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch: at least 2 images per process "
+                        f"(train-mode BatchNorm), i.e. >= {2 * world} for {world} processes")
+    if cfg.sync_bn:
+        kind = next(net.parameters()).device.type
+        if kind != "cuda":
+            raise UserError("--sync-bn needs CUDA devices (SyncBatchNorm runs on NCCL only); this run uses "
+                            f"{kind} with gloo")
+        nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    for t in [*net.state_dict().values(), *method.state_dict().values()]:   # every rank starts from rank 0's
+        dist.broadcast(t, 0)
+    return DataParallel(net, method, step, data(), cfg.mem_iters, cfg.log_secs)
+
+
+def shard(n, rank, world):
+    """This rank's contiguous part of a global batch of n samples (part sizes differ by at most one)."""
+    return slice(rank * n // world, (rank + 1) * n // world)
+
+
+class ShardedBatches(torch.utils.data.Sampler):
+    """This rank's part of every batch of a batch sampler: each image is decoded by one rank only."""
+
+    def __init__(self, batches, rank, world):
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for idx in self.batches:
+            part = idx[shard(len(idx), self.rank, self.world)]
+            if part:            # (a rank's part of a small last evaluation batch can be empty)
+                yield part
+
+
+class Shards:
+    """A loader as one data-parallel rank sees it: the same shuffled global batches on every rank (generators
+    seeded alike), of which it keeps its own part -- on-device images are augmented with the draws of the whole
+    global batch first, so every rank trains on exactly the images a single process would. `averager` learns each
+    part's share n_r / N of its global batch."""
+
+    def __init__(self, loader, rank, world, averager=None):
+        self.loader, self.rank, self.world, self.averager = loader, rank, world, averager
+        self.gen, self.spec, self.labels = loader.gen, loader.spec, loader.labels
+        if isinstance(loader, HostLoader):
+            loader.batches = ShardedBatches(loader.batches, rank, world)
+        else:
+            loader.least = 2 * world                        # train-mode BatchNorm: 2 images per rank
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        n, bs = len(self.labels), self.loader.batch_size
+        for it, (x, y) in enumerate(self.loader):
+            N = min(bs, n - it * bs)                        # the global batch
+            if not isinstance(self.loader, HostLoader):
+                part = shard(N, self.rank, self.world)
+                x, y = x[part], y[part]
+            if self.averager is not None:
+                self.averager.weight = len(y) / N
+            yield x, y
 
 
 class GradAverager:
     """Averages gradients over the ranks, one bucket per module, each all-reduce launched asynchronously as soon as
-    the backward that makes those gradients final has ended (`module_done`, the step's per-module hook), and
-    waited for only in `finish`, before the optimizer step.
+    the backward that makes those gradients final has ended (`module_done`, the step's after_module), and waited
+    for after the last module's backward, before the optimizer step.
 
     Which gradients are final after which module's backward is learnt on the first step, from post-accumulate-
     grad hooks: usually a module's own parameters and its aux net, but MLAAN's cascade also reaches back into
     earlier modules, SGR's double backward into its module, etc. -- whatever the method does. Gradients of that
     first step are averaged at its end. Each rank's gradient is the mean over its n_r samples, so it is weighted
-    by n_r / N before the sum: the result is the mean over the global batch of N, even when N is not a multiple
-    of the world size."""
+    by n_r / N (`weight`, set by Shards) before the sum: the result is the mean over the global batch of N, even
+    when N is not a multiple of the world size."""
 
-    def __init__(self, params):
-        self.params = [p for p in params if p.requires_grad]
-        self.buckets, self.pending = None, []
-        self.last, self.current, self.hooks = {}, 0, []
+    def __init__(self, params, K):
+        self.params, self.K, self.weight = [p for p in params if p.requires_grad], K, 1.0
+        self.buckets, self.pending, self.last, self.current = None, [], {}, 0
+        self.hooks = [p.register_post_accumulate_grad_hook(self._seen) for p in self.params]
 
-    def start(self, weight):
-        """A training step begins; this rank holds the fraction `weight` of the global batch."""
-        self.weight, self.current = weight, 0
-        if self.buckets is None and not self.hooks:
-            def seen(p):
-                self.last[p] = self.current
-            self.hooks = [p.register_post_accumulate_grad_hook(seen) for p in self.params]
+    def _seen(self, p):
+        self.last[p] = self.current
 
     def module_done(self, k):
         self.current = k + 1
         if self.buckets is not None:
             self._launch(self.buckets.get(k, []))
+        if k == self.K - 1:
+            self._finish()
 
     def _launch(self, params):
         grads = [p.grad for p in params if p.grad is not None]
@@ -2575,7 +2610,7 @@ class GradAverager:
             flat = torch._utils._flatten_dense_tensors(grads).mul_(self.weight)
             self.pending.append((dist.all_reduce(flat, async_op=True), flat, grads))
 
-    def finish(self):
+    def _finish(self):
         if self.buckets is None:           # first step: group the parameters by the module that finalises them
             for h in self.hooks:
                 h.remove()
@@ -2593,35 +2628,40 @@ class GradAverager:
             work.wait()
             for g, r in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
                 g.copy_(r)
-        self.pending = []
+        self.pending, self.current = [], 0
 
 
-def init_distributed(args):
-    """Join the process group of a torchrun launch. Returns (DataParallel or None, device); without torchrun (or
-    with one process) nothing changes."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        if args.sync_bn or args.pipeline:
-            raise UserError(f"{'--sync-bn' if args.sync_bn else '--pipeline'} needs several processes: launch with "
-                            f"torchrun --nproc_per_node=N local_learning.py ...")
-        return None, pick_device(args.device)
-    if not dist.is_available():
-        raise UserError("this PyTorch build has no torch.distributed; run one process")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    kind = pick_device(args.device).type
-    if kind == "mps":
-        raise UserError("torchrun on MPS is not supported (no torch.distributed backend); use --device cpu")
-    device = torch.device("cuda", local) if kind == "cuda" else torch.device("cpu")
-    if kind == "cuda":
-        if local >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s) on this node",
-                            every_rank=True)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
-    if dist.get_rank() != 0:                   # one voice: rank 0 prints (errors still reach stderr)
-        sys.stdout = open(os.devnull, "w")
-    return (None if args.pipeline else DataParallel(device)), device
+class DataParallel(Trainer):
+    """A data-parallel rank: its part of every global batch, gradients averaged as modules finish, epoch numbers
+    summed over the ranks; rank 0 writes. BN running statistics are rank 0's, broadcast before every evaluation
+    (what DDP's broadcast_buffers does), so that the ranks evaluate one model on their parts of the test set."""
+    note = "  (rank 0)"
+
+    def __init__(self, net, method, step, data, mem_iters, log_secs):
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.writes, self.averager = self.rank == 0, GradAverager([*net.parameters(), *method.parameters()], net.K)
+        train, test = data
+        data = Shards(train, self.rank, self.world, self.averager), test and Shards(test, self.rank, self.world)
+        super().__init__(net, method, replace(step, after_module=self.averager.module_done), data, mem_iters,
+                         log_secs if self.rank == 0 else math.inf)
+
+    def sum(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64 if not torch.is_tensor(t) else t.dtype, device=self.device)
+        dist.all_reduce(t)
+        return t
+
+    def gather(self, stats, seen):
+        return self.sum(stats), int(self.sum(seen).item())
+
+    def clock(self):
+        super().clock()
+        dist.barrier()
+        return time.time()
+
+    def evaluate(self):
+        for b in self.net.buffers():
+            dist.broadcast(b, 0)
+        return super().evaluate()
 
 
 # ---- module parallelism: --pipeline -----------------------------------------------------------------------------
@@ -2634,11 +2674,11 @@ def init_distributed(args):
 # Exactness. Per-parameter SGD makes one optimizer per stage the same as one for all. In the sequential run
 # module k trains on batch t as computed by module k-1's weights after t-1 updates; a stage's output for batch
 # t is computed before its t-th update, so the pipeline computes the same weights -- bit for bit where the
-# arithmetic is the same (tested). SGR's target gradient travels with the activation. MAN's EMA of the next
-# module's first block needs that block's weights after t-1 updates right after module k's backward on batch t,
-# when the next stage is still busy with batch t-1; the update is deferred until just before it is used (module
-# k's next forward), when the next stage has sent them: exact, and the stages still overlap. MLAAN's cascade
-# backpropagates into earlier modules, across stages: refused.
+# arithmetic is the same (tested). What a method hands from one module's step to the next's (`carried`: SGR's
+# target gradient) travels with the activation. MAN's EMA update after the boundary module's backward reads the
+# next stage's first block as it is after t-1 updates: that stage sends its block after every update, and the
+# boundary waits for it there (the stages still overlap: the next stage is then finishing batch t-1). MLAAN's
+# cascade backpropagates into earlier modules, across stages: refused.
 
 def module_seconds(net, method, autocast, batch_size, iters=3):
     """Wall time of each module's forward + local loss + backward on this device (a batch of up to 64 synthetic
@@ -2686,86 +2726,52 @@ def balance(costs, S):
     return cuts[::-1]
 
 
-class Stage:
-    """Rank s of a pipeline: its modules, the parameters and aux nets it owns, its optimizer, and its links."""
+def check_pipeline(chain, K, S, stages=None, sync_bn=False, amp="none"):
+    """Refuse what --pipeline cannot run (one line); returns the --stages cut as module counts, or None."""
+    why = None
+    crosses = next((METHODS[n].crosses_modules for n in chain if METHODS[n].crosses_modules), None)
+    if crosses:
+        why = f"{crosses}, across the stage boundary"
+    elif len([n for n in chain if METHODS[n].bases]) > 1:
+        why = f"add-on chains ({'+'.join(chain)}) are not supported; use one add-on on a plain base"
+    elif sync_bn:
+        why = "--sync-bn is for data parallelism; pipeline + data parallel is not supported"
+    elif amp == "fp16":
+        why = "fp16 loss scaling would differ per stage; use --amp bf16"
+    elif K < S:
+        why = f"{K} module(s) cannot fill {S} stages"
+    if why:
+        raise UserError(f"--pipeline: {why}")
+    if stages is None:
+        return None
+    try:
+        sizes = [int(v) for v in stages.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) != S or sum(sizes) != K or min(sizes) < 1:
+        raise UserError(f"--stages {stages}: {S} positive module counts summing to {K} (one per process)")
+    return sizes
 
-    def __init__(self, net, method, args, sizes, rank):
-        self.net, self.method, self.rank, self.S = net, method, rank, len(sizes)
-        lo = sum(sizes[:rank])
-        self.modules = range(lo, lo + sizes[rank])
-        self.first, self.last = rank == 0, rank == len(sizes) - 1
-        a, b = net.bounds[self.modules[0]][0], net.bounds[self.modules[-1]][1]
-        parts = list(net.units[a:b]) + ([net.head] if self.last else []) + \
-            [p for k in self.modules if k < net.K - 1 for p in method.aux_parts(k)]
-        self.parts = parts
-        self.params = list({id(p): p for m in parts for p in m.parameters() if p.requires_grad}.values())
-        self.opt = make_sgd(self.params, args.lr, args.wd)
-        # MAN: the boundary module reads the next stage's first block after its backward (deferred, see above);
-        # and this stage sends its own first block back after every update if the previous stage reads it.
-        k_end = self.modules[-1]
-        self.foreign = [u for u in method.reads_after_backward(k_end) if u >= b] if not self.last else []
-        self.deferred = {k_end} if self.foreign else set()
-        self.pending = False
-        self.sends_back = not self.first and any(u >= a for u in method.reads_after_backward(lo - 1))
-        self.pending_sends, self.weight_send = [], None
-        self.waited = 0.0                                   # seconds spent waiting on messages (not busy)
 
-    def owned_state(self):
-        """This stage's entries of the net's and the method's state dicts (parameters and buffers)."""
-        mine = {id(t) for m in self.parts for t in list(m.parameters()) + list(m.buffers())}
-        return {f"{who}.{k}": v.detach().cpu() for who, mod in (("net", self.net), ("method", self.method))
-                for k, v in mod.state_dict(keep_vars=True).items() if id(v) in mine}
-
-    # -- messages: activations forward (tag 1), tracked-block weights backward (tag 2) -------------------------
-    def post_recv(self, B, dev, x_shape, h_shape, hand):
-        """Start receiving batch (x, y, h[, handoff flag, handoff]) of B samples from the previous stage."""
-        bufs = [torch.empty(B, *x_shape, device=dev), torch.empty(B, dtype=torch.long, device=dev),
-                torch.empty(B, *h_shape, device=dev)]
-        if hand:
-            bufs += [torch.empty(1, device=dev), torch.empty(B, *h_shape, device=dev)]
-        return bufs, [dist.irecv(t, self.rank - 1, tag=1) for t in bufs]
-
-    def wait(self, works):
-        t = time.time()
-        for w in works:
-            w.wait()
-        self.waited += time.time() - t
-
-    def send_on(self, tensors):
-        self.wait(self.pending_sends)                       # one batch in flight: the previous one has left
-        self.keep = [t.contiguous() for t in tensors]
-        self.pending_sends = [dist.isend(t, self.rank + 1, tag=1) for t in self.keep]
-
-    def send_back_weights(self):
-        if self.weight_send is not None:                   # (the previous copy has been received)
-            self.wait([self.weight_send[0]])
-        unit = self.net.units[self.net.bounds[self.modules[0]][0]]
-        flat = torch._utils._flatten_dense_tensors([p.detach() for p in unit.parameters()])
-        self.weight_send = (dist.isend(flat, self.rank - 1, tag=2), flat)
-
-    def apply_deferred(self, use_local):
-        """The deferred after_backward of the boundary module, with the next stage's block weights as they were
-        after the previous update (use_local: this run's first batch, whose weights are still the local copy)."""
-        if not self.pending:
-            return
-        if not use_local:
-            for u in self.foreign:
-                ps = list(self.net.units[u].parameters())
-                flat = torch.empty(sum(p.numel() for p in ps), device=ps[0].device)
-                self.wait([dist.irecv(flat, self.rank + 1, tag=2)])
-                with torch.no_grad():
-                    for p, v in zip(ps, torch._utils._unflatten_dense_tensors(flat, ps)):
-                        p.copy_(v)
-        for k in self.deferred:
-            self.method.after_backward(k)
-        self.pending = False
+def pipeline_cut(cfg, net, method, step, ck=None):
+    """(modules per stage, how they were chosen): --stages, else the cut of the checkpoint being resumed, else
+    balanced by the time rank 0 measures for each module with its aux net; every rank takes that partition."""
+    S = dist.get_world_size()
+    sizes = check_pipeline(method.opts.chain, net.K, S, cfg.stages, cfg.sync_bn, cfg.amp)
+    if sizes is not None:
+        return sizes, "by hand (--stages)"
+    if ck is not None and ck.get("stages"):
+        return ck["stages"], "as saved in --resume"
+    box = [balance(module_seconds(net, method, step.autocast, cfg.batch_size), S) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, 0)
+    return box[0], "balanced by the measured time of each module with its aux net"
 
 
 @torch.no_grad()
-def boundary_dtype(net, k, amp_dtype, autocast, device):
+def boundary_dtype(net, k, autocast, device):
     """The dtype module k receives in the sequential run: float32, or what autocast makes of module k-1's output
     (activations travel as float32, losslessly, and are cast back to it). One eval-mode pass on two samples."""
-    if k == 0 or amp_dtype is None:
+    if k == 0:
         return torch.float32
     was = net.training
     net.eval()
@@ -2795,280 +2801,229 @@ def cpu_state(state):
     return state
 
 
-def check_pipeline(args, net, chain, S):
-    why = None
-    if "mlaan" in chain:
-        why = "MLAAN's cascade backpropagates into the previous modules, across the stage boundary"
-    elif len([n for n in chain if METHODS[n].bases]) > 1:
-        why = f"add-on chains ({'+'.join(chain)}) are not supported; use one add-on on a plain base"
-    elif args.sync_bn:
-        why = "--sync-bn is for data parallelism; pipeline + data parallel is not supported"
-    elif args.amp == "fp16":
-        why = "fp16 loss scaling would differ per stage; use --amp bf16"
-    elif net.K < S:
-        why = f"{net.K} module(s) cannot fill {S} stages"
-    if why:
-        raise UserError(f"--pipeline: {why}")
-    if args.stages:
-        try:
-            sizes = [int(v) for v in args.stages.split(",")]
-        except ValueError:
-            sizes = []
-        if len(sizes) != S or sum(sizes) != net.K or min(sizes) < 1:
-            raise UserError(f"--stages {args.stages}: {S} positive module counts summing to {net.K} (one per process)")
-        return sizes
-    return None
+class Pipeline(Trainer):
+    """A pipeline stage: its modules, the parameters and aux nets they train, its own optimizer; rank 0 also loads
+    the data and writes. Messages: activations forward (tag 1), MAN's tracked block back (tag 2), evaluation
+    (tag 3). `data()` loads the loaders (rank 0 only); `cut` = (modules per stage, how they were chosen)."""
 
-
-def run_pipeline(args, spec, net, method, device, channels_last=False):
-    """--pipeline under torchrun: the epoch loop of one stage (rank 0 also loads data and prints)."""
-    rank, S = dist.get_rank(), dist.get_world_size()
-    sizes = check_pipeline(args, net, method.opts.chain, S)
-    dtype = {"bf16": torch.bfloat16}.get(args.amp)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    cost = "by hand (--stages)"
-    ck = load_checkpoint(args) if args.resume else None
-    if sizes is None and ck is not None:
-        sizes, cost = ck.get("stages"), "as saved in --resume"
-    if sizes is None:   # rank 0 times the modules; every rank takes its partition
-        box = [balance(module_seconds(net, method, autocast, args.batch_size), S) if rank == 0 else None]
+    def __init__(self, net, method, step, data, mem_iters, cut):
+        self.net, self.method, self.mem_iters, self.log_secs = net, method, mem_iters, math.inf
+        (self.sizes, self.how), self.rank, self.world = cut, dist.get_rank(), dist.get_world_size()
+        self.first, self.last, self.writes = self.rank == 0, self.rank == self.world - 1, self.rank == 0
+        lo = sum(self.sizes[:self.rank])
+        self.modules = range(lo, lo + self.sizes[self.rank])
+        self.parts = [p for k in self.modules for p in module_parts(net, method, k)]
+        self.params = list({id(p): p for m in self.parts for p in m.parameters() if p.requires_grad}.values())
+        self.device, self.cl = next(net.parameters()).device, use_channels_last(next(net.parameters()).device, method)
+        # MAN: this stage's boundary EMA reads the next stage's first unit; the previous stage reads ours.
+        self.fetches = not self.last and self.modules[-1] < len(method.tracked)
+        self.sends_back = not self.first and lo - 1 < len(method.tracked)
+        self.fresh, self.weight_send, self.sends, self.waited = True, None, [], 0.0
+        self.step = replace(step, after_module=self._fetch_weights)
+        self.train_loader, self.test_loader = data() if self.first else (None, None)
+        box = [None]
+        if self.first:   # every stage learns the batch sizes (train-mode BatchNorm needs two samples) and the spec
+            tr, te = self.train_loader, self.test_loader
+            sizes = lambda ld: [min(ld.batch_size, len(ld.labels) - i * ld.batch_size) for i in range(len(ld))]
+            box = [([b for b in sizes(tr) if b >= 2], sizes(te) if te is not None else [], len(tr.labels), tr.spec)]
         dist.broadcast_object_list(box, 0)
-        sizes, cost = box[0], "balanced by the measured time of each module with its aux net"
-    st = Stage(net, method, args, sizes, rank)
-    compiled = compile_modules(net, method, args.compile, device) if args.compile else None
-    gen = torch.Generator(device=device)
-    gen.manual_seed(args.seed)
-    mean, std = norm_tensors(spec, device)
-    bench = args.bench > 0
-    warm = max(2, args.mem_iters + (compiled is not None))  # --bench: untimed iterations (as bench())
-    if st.first:
-        if bench:
-            train = synthetic_loader(spec, args.batch_size, device, gen, warm + args.bench, cl=channels_last)
-            test = None
-        else:
-            train, test = load_data(args, spec, device, gen, cl=channels_last)
-        info = [[train.global_batch(i) for i in range(len(train))], [] if test is None else
-                [test.global_batch(i) for i in range(len(test))], len(train.labels)]
-        info[0] = [b for b in info[0] if b >= 2]             # (train-mode BatchNorm needs two samples)
-    else:
-        train = test = info = None
-    box = [info]
-    dist.broadcast_object_list(box, 0)
-    train_sizes, test_sizes, n_train = box[0]
-    if not train_sizes:
-        raise UserError("no training batch: the training set is smaller than 2 images")
-    x_shape = net.input_shape
-    h_shape = net.unit_shapes[net.bounds[st.modules[0]][0] - 1] if not st.first else None
-    h_dtype = boundary_dtype(net, st.modules[0], dtype, autocast, device)
-    hand = method.hands_off
-    if not bench:
-        print_config(args, method, device=str(device), world_size=S, modules=net.K, stages=f"{sizes} ({cost})",
-                     train_images=n_train)
-    start_epoch, best, history, t_done = 1, 0.0, [], 0
-    if ck is not None:
-        if ck.get("stages") != sizes:
-            raise UserError(f"--resume {args.resume}: saved with stages {ck.get('stages')}, this run {sizes}")
-        net.load_state_dict(ck["net"])
-        method.load_state_dict(ck["method"])
-        st.opt.load_state_dict(ck["opt"][rank])
-        if st.first:
-            train.gen.set_state(ck["gen"])
-        torch.set_rng_state(ck["cpu_rng"])
-        start_epoch, best, history = ck["epoch"] + 1, ck["best"], ck["history"]
-        t_done = ck["batches"]
-        print(f"resumed from {args.resume} at epoch {ck['epoch']}", flush=True)
-    epochs = 1 if bench else args.epochs
-    total = t_done + len(train_sizes) * (epochs - start_epoch + 1)    # training batches this run will have done
-    if not bench:
-        print(f"{'ep':>4} {'lr':>7} {'loss':>7} {'train%':>6} {'test%':>6} {'best%':>6} {'img/s':>7} {'sec':>6}  "
-              f"per stage: img/s (busy) | act MiB", flush=True)
-    t_start, first_batch = time.time(), t_done
-    for epoch in range(start_epoch, epochs + 1):
-        lr = lr_at(epoch, args.lr, args.epochs, args.warmup_epochs, spec.schedule)
-        for g in st.opt.param_groups:
-            g["lr"] = lr
-        net.train()
-        method.train()
-        meter = ActivationMeter(st.params)
-        stats = torch.zeros(2 * len(st.modules), device=device)
-        busy, seen, timed_from, st.waited = 0.0, 0, None, 0.0
-        it = iter(train) if st.first else None
-        nxt = None if st.first else st.post_recv(train_sizes[0], device, x_shape, h_shape, hand)
-        t0 = time.time()
-        for i, B in enumerate(train_sizes):
-            if bench and i == warm:                          # --bench: time the steady state only
+        self.train_sizes, self.test_sizes, self.n_train, spec = box[0]
+        if not self.train_sizes:
+            raise UserError("no training batch: the training set is smaller than 2 images")
+        self.norm = norm_tensors(spec, self.device)
+        self.h_shape = net.unit_shapes[net.bounds[lo][0] - 1] if not self.first else None
+        self.h_dtype = boundary_dtype(net, lo, step.autocast, self.device)
+
+    def config(self):
+        return dict(device=str(self.device), world_size=self.world, modules=self.net.K,
+                    stages=f"{self.sizes} ({self.how})", train_images=self.n_train)
+
+    def _wait(self, works):
+        t = time.time()
+        for w in works:
+            w.wait()
+        self.waited += time.time() - t
+
+    def _receive(self, B):
+        """Start receiving a batch (x, y, h, then a flag and a tensor per carried state) from the previous stage."""
+        shapes = [(B, *self.net.input_shape), (B,), (B, *self.h_shape)] + [(1,), (B, *self.h_shape)] * len(
+            self.method.carried)
+        bufs = [torch.empty(s, dtype=torch.long if i == 1 else torch.float32, device=self.device)
+                for i, s in enumerate(shapes)]
+        return bufs, [dist.irecv(t, self.rank - 1, tag=1) for t in bufs]
+
+    def _send_on(self, tensors):
+        self._wait(self.sends)                              # one batch in flight: the previous one has left
+        self.keep = [t.contiguous() for t in tensors]
+        self.sends = [dist.isend(t, self.rank + 1, tag=1) for t in self.keep]
+
+    def _fetch_weights(self, k):
+        """after_module(k): before the boundary's EMA update reads the next stage's first unit, its weights after
+        as many updates as in the sequential run (the run's first batch: the local copy is current)."""
+        if k != self.modules[-1] or not self.fetches:
+            return
+        if self.fresh:
+            self.fresh = False
+            return
+        ps = list(self.net.units[self.method.tracked[k]].parameters())
+        flat = torch.empty(sum(p.numel() for p in ps), device=self.device)
+        self._wait([dist.irecv(flat, self.rank + 1, tag=2)])
+        with torch.no_grad():
+            for p, v in zip(ps, torch._utils._unflatten_dense_tensors(flat, ps)):
+                p.copy_(v)
+
+    def _send_weights(self):
+        if self.weight_send is not None:                   # (the previous copy has been received)
+            self._wait([self.weight_send[0]])
+        unit = self.net.units[self.net.bounds[self.modules[0]][0]]
+        flat = torch._utils._flatten_dense_tensors([p.detach() for p in unit.parameters()])
+        self.weight_send = (dist.isend(flat, self.rank - 1, tag=2), flat)
+
+    def _batches(self):
+        """(x, y, h, carried state) of each training batch: loaded (rank 0) or received, the next one's receive
+        posted while this one computes."""
+        if self.first:
+            for x, y in self.train_loader:
+                yield x, y, x, [None] * len(self.method.carried)
+            return
+        nxt = self._receive(self.train_sizes[0])
+        for i in range(len(self.train_sizes)):
+            bufs, works = nxt
+            for w in works:
+                w.wait()
+            if i + 1 < len(self.train_sizes):
+                nxt = self._receive(self.train_sizes[i + 1])
+            x, y = (arrived(t, self.cl) for t in bufs[:2])
+            carried = [t.to(self.h_dtype) if f.item() else None for f, t in zip(bufs[3::2], bufs[4::2])]
+            yield x, y, arrived(bufs[2], self.cl, self.h_dtype), carried
+
+    def train_epoch(self, opt, epoch, epochs, untimed=0, last=False):
+        self.net.train()
+        self.method.train()
+        meter, stats = ActivationMeter(self.params), torch.zeros(2 * len(self.modules), device=self.device)
+        busy, seen, n, self.waited = 0.0, 0, len(self.train_sizes), 0.0
+        t0 = t_timed = time.time()
+        for i, (B, (x, y, h, carried)) in enumerate(zip(self.train_sizes, self._batches())):
+            if i == untimed and i:                          # --bench: time the steady state only
                 dist.barrier()
-                timed_from, busy, st.waited = time.time(), 0.0, 0.0
-            if st.first:
-                x, y = next(it)
-                h, handoff = x, None
-            else:
-                bufs, works = nxt
-                for w in works:
-                    w.wait()
-                x, y = (arrived(t, channels_last) for t in bufs[:2])
-                h = arrived(bufs[2], channels_last, h_dtype)
-                handoff = bufs[4].to(h_dtype) if hand and bufs[3].item() else None
-                if i + 1 < len(train_sizes):                 # receive the next batch while computing this one
-                    nxt = st.post_recv(train_sizes[i + 1], device, x_shape, h_shape, hand)
+                t_timed, busy, self.waited = time.time(), 0.0, 0.0
             t_b = time.time()
-            st.apply_deferred(use_local=t_done == first_batch + 1)
-            st.opt.zero_grad(set_to_none=True)
-            method.receive(handoff)
-            with meter if i < args.mem_iters else contextlib.nullcontext():
-                h, losses, correct = run_modules(net, method, Batch(x, y, mean, std), h, st.modules, scaler, autocast,
-                                                 deferred=st.deferred, compiled=compiled if i >= args.mem_iters else None)
-            st.pending = bool(st.deferred)
-            if not st.last:
+            opt.zero_grad(set_to_none=True)
+            for name, value in zip(self.method.carried, carried):
+                setattr(self.method, name, value)
+            with meter if i < self.mem_iters else contextlib.nullcontext():
+                h, losses, correct = run_modules(self.net, self.method, Batch(x, y, *self.norm), h, self.modules,
+                                                 self.step if i >= self.mem_iters else replace(self.step, compiled=None))
+            if not self.last:
                 out = [x, y, h.float()]                      # (bf16 under autocast: sent as fp32, losslessly)
-                if hand:
-                    t = method.handoff()
-                    out += [torch.ones(1, device=device) if t is not None else torch.zeros(1, device=device),
+                for name in self.method.carried:
+                    t = getattr(self.method, name)
+                    out += [torch.full((1,), float(t is not None), device=self.device),
                             t.detach().float() if t is not None else torch.zeros_like(out[2])]
-                st.send_on(out)
-            st.opt.step()
-            t_done += 1
-            if st.sends_back and t_done < total:             # the previous stage's MAN EMA reads our first block
-                st.send_back_weights()
+                self._send_on(out)
+            opt.step()
+            if self.sends_back and not (last and i == n - 1):   # (no one reads the run's last update)
+                self._send_weights()
             stats += torch.stack(losses + correct) * torch.tensor([B] * len(losses) + [1] * len(correct),
-                                                                    device=device)
+                                                                    device=self.device)
             seen += B
-            if device.type == "cuda":                        # (busy time of kernels, not of their launches)
-                torch.cuda.synchronize(device)
+            if self.device.type == "cuda":                  # (busy time of kernels, not of their launches)
+                torch.cuda.synchronize(self.device)
             busy += time.time() - t_b
-        busy -= st.waited                                    # waits for messages inside the steps are not busy
-        st.send_on([])                                       # (the last batch has left)
-        st.apply_deferred(use_local=t_done == first_batch + 1)   # the epoch's last deferred EMA update
-        # ---- every stage's numbers to every rank (this also waits for the last stage: the epoch's end), then
-        # evaluation through the stages and one row from rank 0
-        rows = [None] * S
-        dist.all_gather_object(rows, dict(stats=stats.tolist(), seen=seen, busy=busy, act=meter.peak))
-        secs = time.time() - (timed_from or t0)
-        if bench:
-            return pipeline_bench_result(args, spec, net, method, sizes, rows, secs, device, st)
-        test_acc = evaluate_pipeline(st, net, test, test_sizes, device, x_shape, h_shape, h_dtype, autocast,
-                                     channels_last)
-        best = max(best, test_acc)
-        flat_loss = [v for r in rows for v in r["stats"][:len(r["stats"]) // 2]]
-        flat_corr = [v for r in rows for v in r["stats"][len(r["stats"]) // 2:]]
-        loss, train_acc = flat_loss[-1] / seen, 100.0 * flat_corr[-1] / seen
-        check_finite(loss, epoch)
-        aux = [None if c < 0 else 100.0 * c / seen for c in flat_corr[:-1]]
-        row = dict(epoch=epoch, lr=lr, loss=loss, train_acc=train_acc, test_acc=test_acc, aux_acc=aux,
-                   img_s=seen / secs, sec=secs, stage_img_s=[seen / max(r["busy"], 1e-9) for r in rows],
-                   stage_act_peak_bytes=[r["act"] for r in rows])
-        history.append(row)
+        self._send_on([])                                   # (the last batch has left)
+        mine = dict(stats=stats.tolist(), busy=busy - self.waited, act=meter.peak)   # (waits are not busy)
+        return self._epoch_row(mine, seen, sum(self.train_sizes[untimed:]), (t0, t_timed))
+
+    def _epoch_row(self, mine, seen, timed, times):
+        """Every stage's numbers to every rank (which also waits for the last stage: the epoch's end), as one row:
+        the final module's loss, every module's accuracy, the pipeline's img/s and each stage's, when busy."""
+        rows = [None] * self.world
+        dist.all_gather_object(rows, mine)
+        secs = time.time() - times[1]
+        loss = [v for r in rows for v in r["stats"][:len(r["stats"]) // 2]]
+        corr = [v for r in rows for v in r["stats"][len(r["stats"]) // 2:]]
+        return dict(loss=loss[-1] / seen, train_acc=100.0 * corr[-1] / seen,
+                    aux_acc=[None if c < 0 else 100.0 * c / seen for c in corr[:-1]], img_s=seen / secs, sec=secs,
+                    seen=seen, untimed_s=times[1] - times[0], stage_img_s=[timed / max(r["busy"], 1e-9) for r in rows],
+                    stage_act_peak_bytes=[r["act"] for r in rows])
+
+
+    @torch.no_grad()
+    def evaluate(self):
+        """Test accuracy through the stages: rank 0 feeds the test batches, the last stage counts."""
+        self.net.eval()
+        correct = torch.zeros((), device=self.device)
+        it = iter(self.test_loader) if self.first else None
+        for B in self.test_sizes:
+            if self.first:
+                h, y = next(it)
+            else:
+                y, h = torch.empty(B, dtype=torch.long, device=self.device), torch.empty(B, *self.h_shape,
+                                                                                         device=self.device)
+                dist.recv(y, self.rank - 1, tag=3)
+                dist.recv(h, self.rank - 1, tag=3)
+                h = arrived(h, self.cl, self.h_dtype)
+            with self.step.autocast:
+                for k in self.modules:
+                    h = self.net.run(h, k)
+                if self.last:
+                    correct += (self.net.head(h).argmax(1) == y).sum()
+            if not self.last:
+                dist.send(y, self.rank + 1, tag=3)
+                dist.send(h.float().contiguous(), self.rank + 1, tag=3)
+        dist.broadcast(correct, self.world - 1)
+        return 100.0 * correct.item() / max(sum(self.test_sizes), 1)
+
+    def state(self, opt):
+        """Every stage's parameters, buffers and optimizer state, gathered (on the CPU) on rank 0."""
+        mine = {id(t) for m in self.parts for t in [*m.parameters(), *m.buffers()]}
+        owned = {f"{who}.{k}": v.detach().cpu() for who, mod in (("net", self.net), ("method", self.method))
+                 for k, v in mod.state_dict(keep_vars=True).items() if id(v) in mine}
+        states = [None] * self.world if self.first else None
+        dist.gather_object(dict(state=owned, opt=cpu_state(opt.state_dict())), states, dst=0)
+        if not self.first:
+            return None
+        full = dict(net=self.net.state_dict(), method=self.method.state_dict())
+        for r in states:
+            for key, v in r["state"].items():
+                who, name = key.split(".", 1)
+                full[who][name] = v
+        return dict(full, opt=[r["opt"] for r in states], gen=self.train_loader.gen.get_state(),
+                    cpu_rng=torch.get_rng_state(), stages=self.sizes)
+
+    def save(self, path, meta, opt):
+        state = self.state(opt)                             # (every stage takes part in the gather)
+        if self.first:
+            atomic_save({**state, **meta}, path)
+
+    def load(self, ck, opt):
+        if ck.get("stages") != self.sizes:
+            raise UserError(f"--resume: saved with stages {ck.get('stages')}, this run {self.sizes}")
+        self.net.load_state_dict(ck["net"])
+        self.method.load_state_dict(ck["method"])
+        opt.load_state_dict(ck["opt"][self.rank])
+        if self.first:
+            self.train_loader.gen.set_state(ck["gen"])
+        torch.set_rng_state(ck["cpu_rng"])
+
+    header = f"{'img/s':>7} {'sec':>6}  per stage: img/s (busy) | act MiB"
+
+    def row_text(self, row):
         per = " ".join(f"{r:.0f}|{a / MiB:.1f}" for r, a in zip(row["stage_img_s"], row["stage_act_peak_bytes"]))
-        print(f"{epoch:>4} {lr:7.4f} {loss:7.4f} {train_acc:6.2f} {test_acc:6.2f} {best:6.2f} {seen / secs:7.0f} "
-              f"{secs:6.1f}  {per}", flush=True)
-        if args.save:   # every stage's parameters, buffers and optimizer state (on the CPU) to rank 0, which writes
-            states = [None] * S if st.first else None
-            dist.gather_object(dict(state=st.owned_state(), opt=cpu_state(st.opt.state_dict())), states, dst=0)
-            if st.first:
-                full = dict(net=net.state_dict(), method=method.state_dict())
-                for r in states:
-                    for key, v in r["state"].items():
-                        who, name = key.split(".", 1)
-                        full[who][name] = v
-                atomic_save(dict(full, opt=[r["opt"] for r in states], gen=train.gen.get_state(),
-                                 cpu_rng=torch.get_rng_state(), epoch=epoch, best=best, history=history,
-                                 batches=t_done, stages=sizes, args=vars(args)), args.save)
-    last = history[-1] if history else {}
-    result = run_result(args, net, method, device, S, history, best, t_start, pipeline=True, stages=sizes,
-                        train_img_s=last.get("img_s"), stage_img_s=last.get("stage_img_s"),
-                        stage_act_peak_bytes=last.get("stage_act_peak_bytes"))
-    emit(result, args.out if st.first else None)
-    return result
+        return f"{row['img_s']:7.0f} {row['sec']:6.1f}  {per}"
 
+    def result(self, history, ran, opt):
+        last = history[-1] if history else {}
+        return dict(pipeline=True, stages=self.sizes, train_img_s=last.get("img_s"),
+                    stage_img_s=last.get("stage_img_s"), stage_act_peak_bytes=last.get("stage_act_peak_bytes"))
 
-@torch.no_grad()
-def evaluate_pipeline(st, net, loader, sizes, device, x_shape, h_shape, h_dtype, autocast, channels_last=False):
-    """Test accuracy through the stages: rank 0 feeds the test batches, the last stage counts."""
-    net.eval()
-    correct = torch.zeros((), device=device)
-    it = iter(loader) if st.first else None
-    for B in sizes:
-        if st.first:
-            x, y = next(it)
-            h = x
-        else:
-            y, h = torch.empty(B, dtype=torch.long, device=device), torch.empty(B, *h_shape, device=device)
-            dist.recv(y, st.rank - 1, tag=3)
-            dist.recv(h, st.rank - 1, tag=3)
-            h = arrived(h, channels_last, h_dtype)
-        with autocast:
-            for k in st.modules:
-                h = net.run(h, k)
-            if st.last:
-                correct += (net.head(h).argmax(1) == y).sum()
-        if not st.last:
-            dist.send(y, st.rank + 1, tag=3)
-            dist.send(h.float().contiguous(), st.rank + 1, tag=3)
-    dist.broadcast(correct, st.S - 1)
-    return 100.0 * correct.item() / max(sum(sizes), 1)
-
-
-def pipeline_bench_result(args, spec, net, method, sizes, rows, secs, device, st):
-    """--bench --pipeline: img/s of the whole pipeline (the timed batches through the last stage) and of each
-    stage when busy (its compute alone, waits excluded), activation peak per stage."""
-    n = args.bench * args.batch_size
-    result = bench_result(args, spec, net, method, device, len(sizes), secs, pipeline=True, stages=sizes,
-                          stage_img_s=[n / max(r["busy"], 1e-9) for r in rows],
-                          stage_act_peak_mib=[round(r["act"] / MiB, 2) for r in rows])
-    emit(result, args.out if st.first else None)
-    return result
-
+    def bench(self, row, opt):
+        return dict(pipeline=True, stages=self.sizes, stage_img_s=row["stage_img_s"],
+                    stage_act_peak_mib=[round(a / MiB, 2) for a in row["stage_act_peak_bytes"]])
 
 # =============================================================================================================
 # 10. Main
 # =============================================================================================================
-
-def resolve_config(args):
-    """Fill dataset-dependent defaults; returns the DataSpec."""
-    if args.dataset == "folder":
-        spec, args.norm = folder_spec(args)
-    else:
-        if args.norm:
-            raise UserError("--norm applies to --dataset folder only")
-        spec = DATASETS[args.dataset]
-    chain = method_chain(args.method, args.base)          # unknown or incompatible names fail here, in one line
-    args.base = "+".join(chain[1:]) or None
-    args.K = METHODS[args.method].default_K if args.K is None else args.K
-    # ImageNet: each paper's protocol (the outermost method of the chain that has one), else the dataset's.
-    proto = next((METHODS[n].imagenet_protocol for n in chain if METHODS[n].imagenet_protocol), {}) \
-        if spec.schedule == "imagenet" else {}
-    args.batch_size = proto.get("batch_size", spec.batch) if args.batch_size is None else args.batch_size
-    args.lr = proto.get("lr", spec.lr) if args.lr is None else args.lr
-    args.epochs = proto.get("epochs", spec.epochs) if args.epochs is None else args.epochs
-    args.warmup_epochs = (10 if spec.schedule == "cifar" else 0) if args.warmup_epochs is None else args.warmup_epochs
-    least = dict(batch_size=2, epochs=1, bench=0, subset=0, test_subset=0, mem_iters=0, lr=0, wd=0, warmup_epochs=0)
-    for name, lo in least.items():   # (batch >= 2: train-mode BatchNorm needs two samples)
-        if getattr(args, name) < lo:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
-    if args.subset == 1:
-        raise UserError("--subset needs at least 2 images")
-    for flag, path in (("--save", args.save), ("--out", args.out)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise UserError(f"{flag} {path}: folder {os.path.dirname(os.path.abspath(path))} does not exist")
-    if args.resume and not os.path.isfile(args.resume):
-        raise UserError(f"--resume {args.resume}: no such file")
-    if args.stages and not args.pipeline:
-        raise UserError("--stages sets the cut of --pipeline; add --pipeline (under torchrun)")
-    if args.bench and (args.save or args.resume):
-        raise UserError("--bench trains on synthetic data and saves nothing: drop --save/--resume")
-    return spec
-
-
-def build(args, spec):
-    """The command line is the first user of the Python API: our ResNet as a LocalNet, then `attach`."""
-    net = LocalNet.resnet(args.arch, spec.classes, split_ends(args.arch, args.K, args.balanced_memory, spec.name),
-                          spec.size)
-    options = {name: getattr(args, name) for name, o in all_options().items() if o.help is not None}
-    method = attach(net, args.method, args.base, spec.classes, dataset=spec.name, K=args.K,
-                    balanced_memory=args.balanced_memory, amp=args.amp, **options)
-    return net, method
-
 
 def print_splits(net, method):
     n = lambda m: sum(p.numel() for p in m.parameters())
@@ -3079,8 +3034,8 @@ def print_splits(net, method):
         nb = b - a - (a == 0)
         p = sum(n(u) for u in net.units[a:b]) + (n(net.head) if k == net.K - 1 else 0)
         if k < net.K - 1:
-            shape, ap = "x".join(map(str, method.aux_shape(k))), f"{sum(n(m) for m in method.aux_parts(k)):,}"
-            note = method.aux_note(k, net)
+            shape, note = method.describe(net, k)
+            shape, ap = "x".join(map(str, shape)), f"{sum(n(m) for m in method.parts(k)):,}"
         else:
             shape, ap, note = "(head)", f"{n(net.head):,}", ""
         print(f"{k:>6}  {names:<14} {nb:>6} {p:>10,}  {shape:<12} {ap:>10}  {note}".rstrip())
@@ -3097,194 +3052,131 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def run(args):
-    spec = resolve_config(args)
-    ddp, device = init_distributed(args)                   # (section 9; ddp is None on one device)
-    if args.amp != "none" and device.type != "cuda":
-        raise UserError(f"--amp {args.amp} needs a CUDA device (this run uses {device.type})")
-    torch.manual_seed(args.seed)
-    net, method = build(args, spec)
-    if args.print_splits:
-        print_splits(net, method)
-        return None
+def load_checkpoint(path, config):
+    """Read --resume (on the CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest) and
+    check that it is the same run: every flag but where and how it is logged must match `config`."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"--resume {path}: cannot read the checkpoint ({type(e).__name__}: {e})")
+    for key, value in config.items():
+        if key not in RESUME_FREE and ck["args"].get(key) != value:
+            raise UserError(f"--resume {path}: checkpoint has {key}={ck['args'].get(key)}, this run {key}={value}")
+    return ck
+
+
+def warmup_steps(cfg, step):
+    """--bench: the untimed first steps (the metered ones run eager, and a compiled step compiles after them)."""
+    return max(2, cfg.mem_iters + (step.compiled is not None))
+
+
+def build(cfg, spec, opts):
+    """The command line is the first user of the Python API: our ResNet as a LocalNet, then its method."""
+    net = LocalNet.resnet(cfg.arch, spec.classes, split_ends(cfg.arch, cfg.K, cfg.balanced_memory, spec.name),
+                          spec.size)
+    return net, build_method(net, opts, spec.classes)
+
+
+def train(cfg, spec, opts):
+    """The command line's run of the resolved config: the model and the method, the Trainer of this kind of run
+    (one device, or section 9's under torchrun), then `fit`."""
+    joined = join_torchrun(cfg.device, cfg.pipeline, cfg.sync_bn)   # (section 9; None on one device)
+    device = joined or pick_device(cfg.device)
+    if cfg.amp != "none" and device.type != "cuda":
+        raise UserError(f"--amp {cfg.amp} needs a CUDA device (this run uses {device.type})")
+    torch.manual_seed(cfg.seed)
+    net, method = build(cfg, spec, opts)
+    if cfg.print_splits:
+        return print_splits(net, method)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the originals' setting (and what their memory numbers assume)
     net.to(device)
     method.to(device)
-    channels_last = use_channels_last(device, method.opts.chain)
-    if channels_last:
+    cl = use_channels_last(device, method)
+    if cl:
         net.to(memory_format=torch.channels_last)
         method.to(memory_format=torch.channels_last)
-    if args.pipeline:
-        return run_pipeline(args, spec, net, method, device, channels_last)
-    if ddp is not None:
-        if args.batch_size < 2 * ddp.world:
-            raise UserError(f"--batch-size {args.batch_size} is the global batch: at least 2 images per process "
-                            f"(train-mode BatchNorm), i.e. >= {2 * ddp.world} for {ddp.world} processes")
-        ddp.prepare(net, method, args.sync_bn)
-    rank, world = (ddp.rank, ddp.world) if ddp is not None else (0, 1)
-    compiled = compile_modules(net, method, args.compile, device) if args.compile else None
-    params = list(net.parameters()) + list(method.parameters())
-    sync = GradAverager(params) if ddp is not None else None
-    opt = make_sgd(params, args.lr, args.wd)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    step = Step(torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+                torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
+                compile_modules(net, method, cfg.compile, device) if cfg.compile else None)
     gen = torch.Generator(device=device)
-    gen.manual_seed(args.seed)
-    spec_t = norm_tensors(spec, device)
-    if args.bench:
-        loader = synthetic_loader(spec, args.batch_size, device, gen, max(2, args.mem_iters + 1) + args.bench, rank,
-                                  world, channels_last)
-        return bench(args, spec, net, method, opt, scaler, autocast, spec_t, params, device, loader, sync, ddp, compiled)
+    gen.manual_seed(cfg.seed)
+    if cfg.bench:
+        data = lambda: (synthetic_loader(spec, cfg.batch_size, warmup_steps(cfg, step) + cfg.bench, device, gen, cl),
+                        None)
+    else:
+        data = lambda: load_data(cfg, spec, device, gen, cl)
+    ck = load_checkpoint(cfg.resume, vars(cfg)) if cfg.resume else None
+    if joined:
+        trainer = distributed_trainer(cfg, net, method, step, data, ck)
+    else:
+        trainer = Trainer(net, method, step, data(), cfg.mem_iters, cfg.log_secs)
+    return fit(cfg, spec, trainer, ck)
 
-    train_loader, test_loader = load_data(args, spec, device, gen, rank, world, channels_last)
-    print_config(args, method, device=str(device), world_size=world, modules=net.K,
-                 train_images=len(train_loader.labels), params_backbone=sum(p.numel() for p in net.parameters()),
-                 params_aux=sum(p.numel() for p in method.parameters()))
 
-    start_epoch, best, history = 1, 0.0, []
-    if args.resume:
-        ck = load_checkpoint(args)
-        net.load_state_dict(ck["net"])
-        method.load_state_dict(ck["method"])
-        opt.load_state_dict(ck["opt"])
-        scaler.load_state_dict(ck["scaler"])
-        train_loader.gen.set_state(ck["gen"])
-        torch.set_rng_state(ck["cpu_rng"])
-        start_epoch, best, history = ck["epoch"] + 1, ck["best"], ck["history"]
-        print(f"resumed from {args.resume} at epoch {ck['epoch']}", flush=True)
-
-    K = net.K
-    header = (f"{'ep':>4} {'lr':>7} {'loss':>7} {'train%':>6} {'test%':>6} {'best%':>6} {'act MiB':>8} "
-              f"{'cuda MiB':>8} {'img/s':>7} {'sec':>6}  aux acc% per module")
-    print(header, flush=True)
-    t_start, train_time, train_seen = time.time(), 0.0, 0
-    for epoch in range(start_epoch, args.epochs + 1):
-        lr = lr_at(epoch, args.lr, args.epochs, args.warmup_epochs, spec.schedule)
+def fit(cfg, spec, trainer, ck=None):
+    """The training loop of every run -- one device, data parallel, pipelined, --bench: resume, then per epoch
+    the lr, one epoch of training, the test accuracy, one row and a checkpoint; then the final JSON line."""
+    opt = trainer.optimizer(cfg.lr, cfg.wd)
+    start, best, history, ran = 1, 0.0, [], []
+    if not cfg.bench:
+        print_config(cfg, trainer.method, **trainer.config())
+    if ck is not None:
+        trainer.load(ck, opt)
+        start, best, history = ck["epoch"] + 1, ck["best"], ck["history"]
+        print(f"resumed from {cfg.resume} at epoch {ck['epoch']}", flush=True)
+    if not cfg.bench:
+        print(f"{'ep':>4} {'lr':>7} {'loss':>7} {'train%':>6} {'test%':>6} {'best%':>6} {trainer.header}", flush=True)
+    t_start, out = time.time(), cfg.out if trainer.writes else None
+    for epoch in range(start, (1 if cfg.bench else cfg.epochs) + 1):
+        lr = cfg.lr if cfg.bench else lr_at(epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs, spec.schedule)
         for g in opt.param_groups:
             g["lr"] = lr
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        stats, seen, steps, secs, act_peak = train_epoch(net, method, opt, train_loader, scaler, autocast, spec_t, params,
-                                                  args.mem_iters, args.log_secs if rank == 0 else math.inf, epoch,
-                                                  args.epochs, sync, compiled)
-        cuda_alloc = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        cuda_res = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
-        if stats is None:
-            raise UserError("no training batch: the training set is smaller than 2 images per process")
-        if ddp is not None:                                # global loss and accuracies: sums over the ranks
-            stats, seen = ddp.sum(stats), int(ddp.sum(seen).item())
-            ddp.broadcast_buffers(net)
-        s = stats.tolist()
-        loss, train_acc = s[0] / seen, 100.0 * s[1] / seen
-        check_finite(loss, epoch)
-        aux = [None if c < 0 else 100.0 * c / seen for c in s[2 + (K - 1):]]
-        test_acc = evaluate(net, test_loader, autocast, ddp)
-        best = max(best, test_acc)
-        train_time += secs
-        train_seen += seen
-        row = dict(epoch=epoch, lr=lr, loss=loss, train_acc=train_acc, test_acc=test_acc, aux_acc=aux,
-                   local_loss=[v / steps / world for v in s[2:2 + (K - 1)]], act_peak_bytes=act_peak,
-                   cuda_peak_alloc=cuda_alloc, cuda_peak_reserved=cuda_res, img_s=seen / secs, sec=secs)
+        row = trainer.train_epoch(opt, epoch, cfg.epochs, warmup_steps(cfg, trainer.step) if cfg.bench else 0,
+                                  last=cfg.bench or epoch == cfg.epochs)
+        if cfg.bench:
+            return emit(bench_result(cfg, spec, trainer, row, opt), out)
+        check_finite(row["loss"], epoch)
+        row = dict(epoch=epoch, lr=lr, **row, test_acc=trainer.evaluate())
+        best = max(best, row["test_acc"])
         history.append(row)
-        aux_s = " ".join("  -" if a is None else f"{a:3.0f}" for a in aux)
-        cuda_s = f"{cuda_alloc / MiB:8.0f}" if cuda_alloc is not None else f"{'-':>8}"
-        print(f"{epoch:>4} {lr:7.4f} {loss:7.4f} {train_acc:6.2f} {test_acc:6.2f} {best:6.2f} "
-              f"{act_peak / MiB:8.1f} {cuda_s} {seen / secs:7.0f} {secs:6.1f}  {aux_s}", flush=True)
-        if args.save and rank == 0:
-            atomic_save(dict(net=net.state_dict(), method=method.state_dict(), opt=opt.state_dict(),
-                             scaler=scaler.state_dict(), gen=train_loader.gen.get_state(), cpu_rng=torch.get_rng_state(),
-                             epoch=epoch, best=best, history=history, args=vars(args)), args.save)
-
-    last = history[-1] if history else {}
-    result = run_result(args, net, method, device, world, history, best, t_start,
-                        act_peak_bytes=max((h["act_peak_bytes"] for h in history), default=None),
-                        cuda_peak_alloc=last.get("cuda_peak_alloc"), cuda_peak_reserved=last.get("cuda_peak_reserved"),
-                        **state_bytes(params, opt), train_img_s=(train_seen / train_time) if train_time else None)
-    emit(result, args.out if rank == 0 else None)
-    return result
+        ran.append(row)
+        print(f"{epoch:>4} {lr:7.4f} {row['loss']:7.4f} {row['train_acc']:6.2f} {row['test_acc']:6.2f} {best:6.2f} "
+              f"{trainer.row_text(row)}", flush=True)
+        if cfg.save:
+            trainer.save(cfg.save, dict(epoch=epoch, best=best, history=history, args=vars(cfg)), opt)
+    return emit(run_result(cfg, trainer, history, best, t_start, **trainer.result(history, ran, opt)), out)
 
 
-def run_result(args, net, method, device, world, history, best, t_start, **extra):
+def print_config(cfg, method, **extra):
+    """The resolved config, one line (flags, then method options as resolved, then `extra`), and the method's
+    resolved settings (e.g. InfoPro's loss weights per module)."""
+    line = {k: v for k, v in vars(cfg).items() if k not in all_options()}      # method options: resolved values
+    line.update({k: v for k, v in vars(method.opts).items() if k not in CONTEXT and k != "chain"}, **extra)
+    print("config: " + " ".join(f"{k}={v}" for k, v in line.items()), flush=True)
+    if method.summary():
+        print(f"{cfg.method}: {method.summary()}", flush=True)
+
+
+def run_result(cfg, trainer, history, best, t_start, **extra):
     """The final JSON line of a training run (`extra`: what the kind of run measures)."""
     last = history[-1] if history else {}
-    return dict(method=args.method, dataset=args.dataset, arch=args.arch, K=args.K, modules=net.K, seed=args.seed,
-                epochs=args.epochs, base=args.base, batch_size=args.batch_size, lr=args.lr, device=str(device),
-                world_size=world, final_acc=last.get("test_acc"), best_acc=best, module_acc=last.get("aux_acc"),
-                **extra, summary=method.summary(), wall_s=time.time() - t_start,
+    return dict(method=cfg.method, dataset=cfg.dataset, arch=cfg.arch, K=cfg.K, modules=trainer.net.K, seed=cfg.seed,
+                epochs=cfg.epochs, base=cfg.base, batch_size=cfg.batch_size, lr=cfg.lr, device=str(trainer.device),
+                world_size=trainer.world, final_acc=last.get("test_acc"), best_acc=best, module_acc=last.get("aux_acc"),
+                **extra, summary=trainer.method.summary(), wall_s=time.time() - t_start,
                 history=[{k: h[k] for k in ("epoch", "loss", "train_acc", "test_acc")} for h in history])
 
 
-def print_config(args, method, **extra):
-    """The resolved config, one line (flags, then method options as resolved, then `extra`), and the method's
-    resolved settings (e.g. InfoPro's loss weights per module)."""
-    cfg = {k: v for k, v in vars(args).items() if k not in all_options()}      # method options: resolved values
-    cfg.update({k: v for k, v in vars(method.opts).items() if k not in CONTEXT and k != "chain"}, **extra)
-    print("config: " + " ".join(f"{k}={v}" for k, v in cfg.items()), flush=True)
-    if method.summary():
-        print(f"{args.method}: {method.summary()}", flush=True)
-
-
-def load_checkpoint(args):
-    """Read --resume (on the CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest) and
-    check that it is the same run: every flag but where and how it is logged must match."""
-    try:
-        ck = torch.load(args.resume, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"--resume {args.resume}: cannot read the checkpoint ({type(e).__name__}: {e})")
-    for key, value in vars(args).items():
-        if key not in RESUME_FREE and ck["args"].get(key) != value:
-            raise UserError(f"--resume {args.resume}: checkpoint has {key}={ck['args'].get(key)}, "
-                            f"this run {key}={value}")
-    return ck
-
-
-def bench(args, spec, net, method, opt, scaler, autocast, spec_t, params, device, loader, sync=None, ddp=None,
-          compiled=None):
-    """--bench N: warm-up, then N timed iterations; the meter runs on the warm-up iterations only, so the timing
-    excludes its hooks (and, with --compile, the compilation: its time is reported apart). Data parallel: img/s
-    of the global batch, timed on rank 0 after a barrier."""
-    warm = max(2, args.mem_iters + (compiled is not None))      # (metered iterations are eager: compile after)
-    cuda_sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    meter = ActivationMeter(params)
-    net.train()
-    method.train()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0, t_warm = None, time.time()
-    for it, (x, y) in enumerate(loader):
-        if it == warm + args.bench:
-            break
-        if it == warm:
-            cuda_sync()
-            if ddp is not None:
-                dist.barrier()
-            t0 = time.time()
-        train_step(net, method, opt, Batch(x, y, *spec_t), scaler, autocast, meter if it < args.mem_iters else None,
-                   sync, len(y) / loader.global_batch(it), compiled)
-    cuda_sync()
-    if ddp is not None:
-        dist.barrier()
-    secs = time.time() - t0
-    world = ddp.world if ddp is not None else 1
-    result = bench_result(args, spec, net, method, device, world, secs, compiled=compiled is not None,
-                          warmup_s=round(t0 - t_warm, 2), act_peak_bytes=meter.peak,
-                          act_peak_mib=round(meter.peak / MiB, 2), **state_bytes(params, opt))
-    if device.type == "cuda":
-        result.update(cuda_peak_alloc=torch.cuda.max_memory_allocated(device),
-                      cuda_peak_reserved=torch.cuda.max_memory_reserved(device))
-    emit(result, args.out if ddp is None or ddp.rank == 0 else None)
-    return result
-
-
-def bench_result(args, spec, net, method, device, world, secs, **extra):
-    """The JSON line of a --bench run (`extra`: what the kind of run measures); img/s of the global batch."""
-    return dict(bench=True, method=args.method, base=args.base, arch=args.arch, K=args.K, modules=net.K,
-                batch=args.batch_size, dataset=args.dataset, image_size=spec.size, device=str(device),
-                device_name=device_name(device), options=given_options(args), balanced_memory=args.balanced_memory,
-                amp=args.amp, world_size=world, threads=torch.get_num_threads(), iters=args.bench,
-                img_s=args.bench * args.batch_size / secs, summary=method.summary(), compile=args.compile, **extra)
+def bench_result(cfg, spec, trainer, row, opt):
+    """The JSON line of a --bench run; img/s of the global batch over the timed steps."""
+    return dict(bench=True, method=cfg.method, base=cfg.base, arch=cfg.arch, K=cfg.K, modules=trainer.net.K,
+                batch=cfg.batch_size, dataset=cfg.dataset, image_size=spec.size, device=str(trainer.device),
+                device_name=device_name(trainer.device), options=given_options(cfg),
+                balanced_memory=cfg.balanced_memory, amp=cfg.amp, world_size=trainer.world,
+                threads=torch.get_num_threads(), iters=cfg.bench, img_s=cfg.bench * cfg.batch_size / row["sec"],
+                summary=trainer.method.summary(), compile=cfg.compile, **trainer.bench(row, opt))
 
 
 def device_name(device):
@@ -3295,9 +3187,9 @@ def device_name(device):
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)"
 
 
-def given_options(args):
+def given_options(cfg):
     """Method options set on the command line (they label result rows, e.g. AugLocal's depth)."""
-    return {k: getattr(args, k) for k, o in all_options().items() if o.help is not None and getattr(args, k) is not None}
+    return {k: getattr(cfg, k) for k in option_flags() if getattr(cfg, k) is not None}
 
 
 def emit(result, out):
@@ -3306,7 +3198,7 @@ def emit(result, out):
     if out:
         with open(out, "a") as f:
             f.write(line + "\n")
-
+    return result
 
 def bench_label(r):
     """method[+base] and the options that distinguish a row (e.g. auglocal d=3 pyramid=0.5)."""
@@ -3373,9 +3265,15 @@ def report_bench(rows):
     return out
 
 
+# ---- --report: Markdown tables from results files -------------------------------------------------------------
+
+def run_label(r):
+    return r["method"] + (f"+{r['base']}" if r.get("base") else "")
+
+
 def report(path, run_line=None):
     """Markdown tables from a results file: test error (mean +- std over seeds) per method x arch/K, peak memory
-    and throughput against BP of the same arch, and one run's per-module aux accuracies."""
+    and throughput against BP of the same arch, one run's per-module aux accuracies; and the bench tables."""
     try:
         with open(path) as f:
             lines = [(i + 1, json.loads(l)) for i, l in enumerate(f) if l.strip()]
@@ -3386,11 +3284,8 @@ def report(path, run_line=None):
     if not runs and not benches:
         raise UserError(f"--report {path}: no training runs or bench lines in the file")
     out = report_bench(benches) if benches else []
-    label = lambda r: r["method"] + (f"+{r['base']}" if r.get("base") else "")
-    mean_std = lambda v: (sum(v) / len(v), (sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1)) ** 0.5
-                          if len(v) > 1 else 0.0)
     order = list(dict.fromkeys(["bp", "greedy", "dgl", "predsim", "infopro", "auglocal"] +
-                               sorted({label(r) for _, r in runs})))
+                               sorted({run_label(r) for _, r in runs})))
     for ds in dict.fromkeys(r["dataset"] for _, r in runs):
         rs = [r for _, r in runs if r["dataset"] == ds]
         cols = sorted({(r["arch"], r["K"]) for r in rs if r["method"] != "bp"} or {(r["arch"], 1) for r in rs},
@@ -3399,69 +3294,86 @@ def report(path, run_line=None):
         for r in rs:   # BP does not depend on K: its K=1 runs fill every column of their arch
             for c in cols if r["method"] == "bp" else [(r["arch"], r["K"])]:
                 if c[0] == r["arch"]:
-                    groups.setdefault((label(r), c), []).append(r)
-        epochs = sorted({r["epochs"] for r in rs})
-        head = "| method | " + " | ".join(f"{a} K={k}" for a, k in cols) + " |"
-        sep = "|---|" + "---|" * len(cols)
-        out += [f"### {ds}: test error (%), mean ± std over seeds (final epoch; epochs {epochs})", "", head, sep]
-        for m in order:
-            cells = []
-            for c in cols:
-                g = groups.get((m, c))
-                if g:
-                    mu, sd = mean_std([100 - r["final_acc"] for r in g])
-                    cells.append(f"{mu:.2f} ± {sd:.2f} (n={len(g)})")
-                else:
-                    cells.append("")
-            if any(cells):
-                out.append(f"| {m} | " + " | ".join(cells) + " |")
-        out += ["", f"### {ds}: peak memory and throughput (vs BP of the same arch)", "",
-                "| method | arch | K | peak memory | saved vs BP | img/s | overhead vs BP |", "|---|---|---|---|---|---|---|"]
-
-        def mem(r):   # CUDA allocator peak when there is one; else the meter's activations + params/grads/state
-            if r.get("cuda_peak_alloc"):
-                return r["cuda_peak_alloc"]
-            return r["act_peak_bytes"] + r["param_bytes"] + r["grad_bytes"] + r["opt_state_bytes"]
-
-        bp = {a: [r for r in rs if r["method"] == "bp" and r["arch"] == a] for a, _ in cols}
-        for m in order:
-            for a, k in cols:
-                g = groups.get((m, (a, k)))
-                if not g or (m == "bp" and k != min(kk for aa, kk in cols if aa == a)):
-                    continue
-                gb, ips = sum(map(mem, g)) / len(g) / 1e9, sum(r["train_img_s"] for r in g) / len(g)
-                saved = over = ""
-                if bp[a] and m != "bp":
-                    b_gb = sum(map(mem, bp[a])) / len(bp[a]) / 1e9
-                    b_ips = sum(r["train_img_s"] for r in bp[a]) / len(bp[a])
-                    saved, over = f"{100 * (1 - gb / b_gb):.1f} %", f"{100 * (b_ips / ips - 1):+.1f} %"
-                out.append(f"| {m} | {a} | {'1' if m == 'bp' else k} | {gb:.3f} GB | {saved} | {ips:.0f} | {over} |")
-        devices = sorted({r.get("device", "?") for r in rs})
-        out += ["", f"Memory: CUDA max_memory_allocated where measured, else activation peak + parameters + "
-                f"gradients + optimizer state (device: {', '.join(devices)}); GB = 1e9 bytes.", ""]
-    with_mod = [(i, r) for i, r in runs if r.get("module_acc")]
-    if with_mod:
-        i, r = next(((i, r) for i, r in with_mod if i == run_line), None) or \
-            max(with_mod, key=lambda t: (sum(a is not None for a in t[1]["module_acc"]), t[0]))
-        out += [f"### Per-module aux accuracy on training batches (line {i}: {label(r)}, {r['dataset']}, {r['arch']} "
-                f"K={r['K']}, seed {r['seed']})", "", "| module | " + " | ".join(str(j) for j in
-                range(len(r["module_acc"]))) + " | final |", "|---|" + "---|" * (len(r["module_acc"]) + 1),
-                "| acc % | " + " | ".join("-" if a is None else f"{a:.1f}" for a in r["module_acc"]) +
-                f" | {r['history'][-1]['train_acc']:.1f} |", ""]
+                    groups.setdefault((run_label(r), c), []).append(r)
+        out += report_errors(ds, rs, cols, groups, order) + report_memory(ds, rs, cols, groups, order)
+    out += report_modules(runs, run_line)
     text = "\n".join(out)
     print(text)
     return text
 
 
+def report_errors(ds, rs, cols, groups, order):
+    """Test error (%) per method and arch/K: mean +- std over seeds of the final epoch."""
+    mean_std = lambda v: (sum(v) / len(v), (sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1)) ** 0.5
+                          if len(v) > 1 else 0.0)
+    out = [f"### {ds}: test error (%), mean ± std over seeds (final epoch; epochs {sorted({r['epochs'] for r in rs})})",
+           "", "| method | " + " | ".join(f"{a} K={k}" for a, k in cols) + " |", "|---|" + "---|" * len(cols)]
+    for m in order:
+        cells = []
+        for c in cols:
+            g = groups.get((m, c))
+            if g:
+                mu, sd = mean_std([100 - r["final_acc"] for r in g])
+                cells.append(f"{mu:.2f} ± {sd:.2f} (n={len(g)})")
+            else:
+                cells.append("")
+        if any(cells):
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+    return out
+
+
+def report_memory(ds, rs, cols, groups, order):
+    """Peak memory and throughput per method, with the saving and the overhead against BP of the same arch."""
+    def mem(r):   # CUDA allocator peak when there is one; else the meter's activations + params/grads/state
+        if r.get("cuda_peak_alloc"):
+            return r["cuda_peak_alloc"]
+        return r["act_peak_bytes"] + r["param_bytes"] + r["grad_bytes"] + r["opt_state_bytes"]
+
+    out = ["", f"### {ds}: peak memory and throughput (vs BP of the same arch)", "",
+           "| method | arch | K | peak memory | saved vs BP | img/s | overhead vs BP |", "|---|---|---|---|---|---|---|"]
+    bp = {a: [r for r in rs if r["method"] == "bp" and r["arch"] == a] for a, _ in cols}
+    for m in order:
+        for a, k in cols:
+            g = groups.get((m, (a, k)))
+            if not g or (m == "bp" and k != min(kk for aa, kk in cols if aa == a)):
+                continue
+            gb, ips = sum(map(mem, g)) / len(g) / 1e9, sum(r["train_img_s"] for r in g) / len(g)
+            saved = over = ""
+            if bp[a] and m != "bp":
+                b_gb = sum(map(mem, bp[a])) / len(bp[a]) / 1e9
+                b_ips = sum(r["train_img_s"] for r in bp[a]) / len(bp[a])
+                saved, over = f"{100 * (1 - gb / b_gb):.1f} %", f"{100 * (b_ips / ips - 1):+.1f} %"
+            out.append(f"| {m} | {a} | {'1' if m == 'bp' else k} | {gb:.3f} GB | {saved} | {ips:.0f} | {over} |")
+    devices = sorted({r.get("device", "?") for r in rs})
+    return out + ["", f"Memory: CUDA max_memory_allocated where measured, else activation peak + parameters + "
+                  f"gradients + optimizer state (device: {', '.join(devices)}); GB = 1e9 bytes.", ""]
+
+
+def report_modules(runs, run_line):
+    """One run's per-module aux accuracies (line `run_line`, else the last run with the most of them)."""
+    with_mod = [(i, r) for i, r in runs if r.get("module_acc")]
+    if not with_mod:
+        return []
+    i, r = next(((i, r) for i, r in with_mod if i == run_line), None) or \
+        max(with_mod, key=lambda t: (sum(a is not None for a in t[1]["module_acc"]), t[0]))
+    n = len(r["module_acc"])
+    return [f"### Per-module aux accuracy on training batches (line {i}: {run_label(r)}, {r['dataset']}, {r['arch']} "
+            f"K={r['K']}, seed {r['seed']})", "", "| module | " + " | ".join(str(j) for j in range(n)) + " | final |",
+            "|---|" + "---|" * (n + 1), "| acc % | " + " | ".join("-" if a is None else f"{a:.1f}" for a in
+            r["module_acc"]) + f" | {r['history'][-1]['train_acc']:.1f} |", ""]
+
+
 def main(argv=None):
+    """The command line: --report, or one run (under torchrun: this rank's part of one)."""
     try:
         args = parse_args(argv)
         if args.report:
             return report(args.report, args.report_run)
-        return run(args)
+        with one_voice():                                   # (section 9: under torchrun, rank 0 prints)
+            return train(*resolve_config(args))
     except UserError as e:
         rank = os.environ.get("RANK", "0")                 # under torchrun every rank stops; rank 0 says why
-        if rank == "0" or e.every_rank:
+        if rank == "0" or isinstance(e, RankError):
             print(f"error: {'' if rank == '0' else f'rank {rank}: '}{e}", file=sys.stderr, flush=True)
         sys.exit(2)
 

@@ -143,7 +143,7 @@ def characterize(name, steps=3, B=8):
     tensors = lambda mod: [*mod.parameters(), *mod.buffers()]
     units = [_digest([t for u in net.units[a:b] for t in tensors(u)] + (tensors(net.head) if k == net.K - 1 else []))
              for k, (a, b) in enumerate(net.bounds)]
-    aux = [_digest([t for part in m.aux_parts(k) for t in tensors(part)]) for k in range(net.K - 1)]
+    aux = [_digest([t for part in m.parts(k) for t in tensors(part)]) for k in range(net.K - 1)]
     return dict(loss=losses, units=units, aux=aux, method=_digest(m.parameters()) + _digest(m.buffers()))
 
 
@@ -326,9 +326,7 @@ def build(arch="resnet32", method="dgl", K=16, classes=10, size=32, **options):
 
 def build_cli(*argv):
     """Model and method exactly as the command line would build them."""
-    args = L.parse_args(list(argv))
-    spec = L.resolve_config(args)
-    return L.build(args, spec)
+    return L.build(*L.resolve_config(L.parse_args(list(argv))))
 
 
 def module_sizes(arch, K, balanced=False, dataset="cifar10"):
@@ -366,7 +364,7 @@ def test_published_split_tables():
     assert module_sizes("resnet110", 3, True, "stl10") == [9, 11, 34]
     # Boundary positions of one table, verbatim: ResNet-32 K=4 ends after L1.2, L2.1, L3.0.
     net = L.LocalNet.resnet("resnet32", 10, L.split_ends("resnet32", 4), 32)
-    assert [L.unit_name("resnet32", e) for e in net.ends] == ["L1.2", "L2.1", "L3.0", "L3.4"]
+    assert [net.unit_name(e) for e in net.ends] == ["L1.2", "L2.1", "L3.0", "L3.4"]
     assert net.boundary_shapes == [(16, 32, 32), (32, 16, 16), (64, 8, 8)]
 
 
@@ -384,7 +382,7 @@ def test_dgl_and_greedy_aux_parameter_counts():
     # Spec (run-verified official module): 14,410 / 54,922 / 214,282, which includes an unused BatchNorm2d(C).
     for (c, s), official in {(16, 32): 14_410, (32, 16): 54_922, (64, 8): 214_282}.items():
         assert n_params(L.DGLAux((c, s, s), 10)) + 2 * c == official
-    assert [n_params(L.GreedyAux(c, 10)) for c in (16, 32, 64)] == [170, 330, 650]   # spec 0c1f + CE
+    assert [n_params(L.Head(c, 10)) for c in (16, 32, 64)] == [170, 330, 650]   # spec 0c1f + CE
 
 
 def test_init_is_he_fan_out():
@@ -409,7 +407,7 @@ def test_gradient_isolation(method, extra):
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     batch = L.Batch(x, y, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
     owned = lambda k: [p for u in net.units[net.bounds[k][0]:net.bounds[k][1]] for p in u.parameters()] + \
-        ([p for part in method.aux_parts(k) for p in part.parameters()] if k < net.K - 1 else list(net.head.parameters()))
+        ([p for part in method.parts(k) for p in part.parameters()] if k < net.K - 1 else list(net.head.parameters()))
     snap = {}
     clone = lambda g: None if g is None else g.clone()
 
@@ -457,17 +455,17 @@ def test_same_seed_same_run(cifar_dir):
 def test_resume_equals_uninterrupted(cifar_dir, tmp_path, monkeypatch):
     full = L.main(train_args(cifar_dir, "--epochs", "3", "--warmup-epochs", "1", "--save", str(tmp_path / "a.pt")))
     ck = str(tmp_path / "b.pt")
-    real = L.train_epoch
+    real = L.Trainer.train_epoch
 
-    def crash_at_epoch_3(*a, **k):
-        if a[10] == 3:                                   # the epoch argument
+    def crash_at_epoch_3(self, opt, epoch, *a, **k):
+        if epoch == 3:
             raise KeyboardInterrupt
-        return real(*a, **k)
+        return real(self, opt, epoch, *a, **k)
 
-    monkeypatch.setattr(L, "train_epoch", crash_at_epoch_3)
+    monkeypatch.setattr(L.Trainer, "train_epoch", crash_at_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         L.main(train_args(cifar_dir, "--epochs", "3", "--warmup-epochs", "1", "--save", ck))
-    monkeypatch.setattr(L, "train_epoch", real)
+    monkeypatch.setattr(L.Trainer, "train_epoch", real)
     assert torch.load(ck, weights_only=False)["epoch"] == 2
     resumed = L.main(train_args(cifar_dir, "--epochs", "3", "--warmup-epochs", "1", "--resume", ck, "--save", ck))
     assert resumed["history"] == full["history"]
@@ -561,8 +559,7 @@ def test_image_folder_loader(tmp_path):
             os.makedirs(tmp_path / split / c)
             for i in range(2):
                 Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
-    args = L.parse_args(["--dataset", "folder", "--data-dir", str(tmp_path)])
-    spec = L.resolve_config(args)
+    args, spec, _ = L.resolve_config(L.parse_args(["--dataset", "folder", "--data-dir", str(tmp_path)]))
     assert (spec.classes, spec.size, args.norm, spec.pad_mode) == (3, 32, "cifar10", "reflect")
     tr, te = L.load_data(args, spec, torch.device("cpu"), torch.Generator())
     assert tr.images.shape == (6, 3, 32, 32) and tr.images.dtype == torch.uint8
@@ -600,7 +597,7 @@ def test_augmentation_shapes_ranges_and_flips(name):
 def test_device_loader_normalises_and_covers_epoch():
     spec = L.DATASETS["cifar10"]
     imgs = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
-    loader = L.DeviceLoader(imgs, torch.arange(50), spec, 16, True, True, torch.Generator().manual_seed(0))
+    loader = L.DeviceLoader(imgs, torch.arange(50), spec, 16, torch.Generator().manual_seed(0))
     ys = torch.cat([y for _, y in loader])
     assert sorted(ys.tolist()) == list(range(50)) and len(loader) == 4
     lo = (0 - torch.tensor(spec.mean)) / torch.tensor(spec.std)
@@ -789,7 +786,7 @@ def test_man_defaults_and_heads():
     head = m.base.aux[0]["head"]
     assert n_params(head) == 19_466                                # 2c2f + cross-entropy at 16 channels
     net, m = build_cli("--method", "man", "--base", "dgl")
-    assert isinstance(m.base.aux[0], L.DGLAux) and m.base.aux_shapes[4] == (32, 16, 16)   # reads B_{k+1}'s output
+    assert isinstance(m.base.aux[0], L.DGLAux) and m.base.shapes[4] == (32, 16, 16)   # reads B_{k+1}'s output
 
 
 def _man_step(m, net, batch):
@@ -804,7 +801,7 @@ def test_man_ema_update_gradients_and_isolation(base):
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     batch = L.Batch(x, y, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
     before = [[p.clone() for p in e.parameters()] for e in m.ema]
-    tracked = [[p.clone() for p in b.parameters()] for b in m.tracked]
+    tracked = [[p.clone() for p in net.units[u].parameters()] for u in m.tracked]
     snap = {}
     L.forward_backward(net, m, batch, torch.amp.GradScaler("cpu", enabled=False),
                        torch.autocast("cpu", enabled=False),
@@ -827,9 +824,9 @@ def test_man_negative_and_zero_weights_for_small_K(cifar_dir):
 
 def test_man_init_copy_and_bad_base():
     net, m = build_cli("--method", "man", "--man-init", "copy", "--K", "4")
-    assert all(torch.equal(a, b) for a, b in zip(m.ema[0].parameters(), m.tracked[0].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(m.ema[0].parameters(), net.units[m.tracked[0]].parameters()))
     net, m = build_cli("--method", "man", "--K", "4")
-    assert not all(torch.equal(a, b) for a, b in zip(m.ema[0].parameters(), m.tracked[0].parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(m.ema[0].parameters(), net.units[m.tracked[0]].parameters()))
     with pytest.raises(L.UserError, match="composes with"):
         build_cli("--method", "man", "--base", "greedy")
     with pytest.raises(L.UserError, match="add-on"):
@@ -1012,15 +1009,15 @@ def test_mlaan_parameter_counts(base, arch, K, modules, total):
 def test_mlaan_leap_chains_heads_and_weights():
     net, m = build_cli("--method", "mlaan")
     assert m.depth == 3 and m.first == 2 and sorted(map(int, m.aug)) == list(range(2, 14))
-    name = lambda units: [L.unit_name("resnet32", u) for u in units]
+    name = lambda units: [net.unit_name(u) for u in units]
     assert name(m.chain_units[2]) == ["L2.0", "L3.0", "L3.3", "L3.4"]
     assert name(m.chain_units[13]) == ["L3.4"]
     assert all(torch.equal(a, b) for a, b in zip(m.ema["5"].parameters(), net.units[11].parameters()))  # copies
-    assert n_params(m.indep["2"]["head"]) == 25_408 and n_params(m.cascade["2"]["head"]) == 46_602
-    assert m.weights[2] == pytest.approx((5 * 12 / 13, 0.5 * 12 / 13))                # r = stage / (M - 2)
-    assert m.weights[12] == pytest.approx((5 * 10 / 13, 0.5 * 10 / 13))
+    assert n_params(m.local.aux[2]["head"]) == 25_408 and n_params(m.cascade.aux[2]["head"]) == 46_602
+    assert m.local.weights[2] == pytest.approx((5 * 12 / 13, 0.5 * 12 / 13))          # r = stage / (M - 2)
+    assert m.local.weights[12] == pytest.approx((5 * 10 / 13, 0.5 * 10 / 13))
     _, g = build_cli("--method", "mlaan", "--base", "greedy")
-    assert g.depth == 2 and n_params(g.cascade["1"]) == 650
+    assert g.depth == 2 and n_params(g.cascade.aux[1]) == 650
     assert [n_params(L.MLAANDGLAux(c, 10)) for c in (16, 32, 64)] == [635_146, 637_194, 641_290]
     with pytest.raises(L.UserError, match="leap tables"):
         build_cli("--method", "mlaan", "--K", "4")
@@ -1146,14 +1143,11 @@ def test_every_method_learns_one_batch(argv):
 
 def test_mlaan_contrast_cascade_uses_supcon():
     net, m = build_cli("--method", "mlaan", "--local-loss", "contrast", "--K", "8")
-    assert n_params(m.cascade["2"]["head"]) == 61_824                     # 1c2f contrast head on 64 channels
+    assert n_params(m.cascade.aux[2]["head"]) == 61_824                   # 1c2f contrast head on 64 channels
     x = torch.randn(4, 3, 32, 32)
-    h = x
+    batch, h = L.Batch(x, torch.tensor([0, 0, 1, 1]), torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)), x
     for k in range(3):                                                     # the cascade re-runs modules 0..2
-        m.start_module(k, h)
-        h = m.run_module(net, k, h).detach()
-    loss, logits = m.local_loss(2, h, L.Batch(x, torch.tensor([0, 0, 1, 1]), torch.zeros(1, 3, 1, 1),
-                                              torch.ones(1, 3, 1, 1)))
+        h, loss, logits = m(net, k, h.detach(), batch)
     assert logits is None and torch.isfinite(loss)
 
 
@@ -1193,7 +1187,7 @@ def test_mlaan_dgl_head_pools_to_8x8_first():
 @pytest.mark.parametrize("arch, K, total", [("resnet32", 16, 838_294), ("resnet110", 55, 3_375_036)])
 def test_dgl_head_auglocal_counts(arch, K, total):
     """AugLocal repository's DGL head (counts of its constructor): two hidden Linear layers without bias."""
-    assert [n_params(L.AugLocalDGLAux((c, s, s), 10)) for c, s in ((16, 32), (32, 16), (64, 8))] == \
+    assert [n_params(L.DGLAux((c, s, s), 10, "auglocal")) for c, s in ((16, 32), (32, 16), (64, 8))] == \
         [9_962, 37_834, 147_338]
     _, m = build_cli("--method", "dgl", "--arch", arch, "--K", str(K), "--dgl-head", "auglocal")
     assert n_params(m) == total
@@ -1371,7 +1365,8 @@ def _ddp_train(net, m, rank, world, steps, eval_bn, sync=True, N=9, dtype=torch.
     net.to(dtype), m.to(dtype)
     params = list(net.parameters()) + list(m.parameters())
     opt = torch.optim.SGD(params, lr=0.005 if eval_bn else 0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    averager = L.GradAverager(params) if sync else None
+    averager = L.GradAverager(params, net.K) if sync else None
+    step = L.Step(after_module=averager.module_done if averager is not None else None)
     scaler, ac = torch.amp.GradScaler("cpu", enabled=False), torch.autocast("cpu", enabled=False)
     g, grads = torch.Generator().manual_seed(1), []
     if eval_bn:   # BatchNorm on running statistics set from one full calibration batch (the same on every rank)
@@ -1386,7 +1381,9 @@ def _ddp_train(net, m, rank, world, steps, eval_bn, sync=True, N=9, dtype=torch.
     for _ in range(steps):
         x, y = torch.randn(N, 3, 32, 32, generator=g).to(dtype), torch.randint(0, 10, (N,), generator=g)
         part = L.shard(N, rank, world)
-        L.train_step(net, m, opt, L.Batch(x[part], y[part]), scaler, ac, None, averager, len(y[part]) / N)
+        if averager is not None:
+            averager.weight = len(y[part]) / N                 # (what Shards sets for each batch)
+        L.train_step(net, m, opt, L.Batch(x[part], y[part]), step)
         grads.append({n: p.grad.clone() for n, p in list(net.named_parameters()) + list(m.named_parameters())
                       if p.grad is not None})
     if averager is not None:   # which module's backward finalises each gradient (its all-reduce starts there)
@@ -1412,7 +1409,8 @@ def _ddp_worker(rank, world, port, out, eval_bn, names, dtype):
         for name in names:
             torch.manual_seed(0)
             net, m = build_cli(*DDP_METHODS[name])
-            L.DataParallel(torch.device("cpu")).prepare(net, m, False)
+            for t in [*net.state_dict().values(), *m.state_dict().values()]:   # rank 0's weights everywhere
+                dist.broadcast(t, 0)
             grads = _ddp_train(net, m, rank, world, 3, eval_bn, dtype=dtype)
             torch.save(dict(grads=grads, params={**dict(net.named_parameters()), **dict(m.named_parameters())}),
                        os.path.join(out, f"{name}_{rank}.pt"))
@@ -1487,14 +1485,14 @@ def _main_worker(rank, world, port, argv, crash_epoch, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    real = L.train_epoch
+    real = L.Trainer.train_epoch
 
-    def crash(*a, **k):
-        if a[10] == crash_epoch:                                          # the epoch argument
+    def crash(self, opt, epoch, *a, **k):
+        if epoch == crash_epoch:
             raise KeyboardInterrupt
-        return real(*a, **k)
+        return real(self, opt, epoch, *a, **k)
 
-    L.train_epoch = crash
+    L.Trainer.train_epoch = crash
     try:
         r = L.main(argv)
         with open(os.path.join(out, f"result_{rank}.json"), "w") as f:
@@ -1502,7 +1500,7 @@ def _main_worker(rank, world, port, argv, crash_epoch, out):
     except KeyboardInterrupt:
         pass
     finally:
-        L.train_epoch = real
+        L.Trainer.train_epoch = real
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -1588,21 +1586,21 @@ def test_pipeline_equals_sequential_bit_for_bit(cifar_dir, tmp_path, S, stages):
 
 def _pipe_crash_worker(rank, world, port, argv, crash_at_eval):
     """Like _pipe_worker, interrupted (on every stage) at evaluation number `crash_at_eval` (None: not at all)."""
-    real, calls = L.evaluate_pipeline, []
+    real, calls = L.Pipeline.evaluate, []
 
-    def crash(*a, **k):
+    def crash(self):
         calls.append(1)
         if len(calls) == crash_at_eval:
             raise KeyboardInterrupt
-        return real(*a, **k)
+        return real(self)
 
-    L.evaluate_pipeline = crash
+    L.Pipeline.evaluate = crash
     try:
         _pipe_worker(rank, world, port, [argv])
     except KeyboardInterrupt:
         pass
     finally:
-        L.evaluate_pipeline = real
+        L.Pipeline.evaluate = real
 
 
 def test_pipeline_resume_equals_uninterrupted(cifar_dir, tmp_path):
@@ -1629,11 +1627,10 @@ def test_pipeline_resume_equals_uninterrupted(cifar_dir, tmp_path):
     (("--method", "dgl", "--sync-bn"), "data parallel"), (("--method", "dgl", "--stages", "4,4"), "--stages 4,4"),
     (("--method", "dgl", "--stages", "1,x"), "--stages 1,x")])
 def test_pipeline_refuses_what_it_does_not_support(argv, message):
-    args = L.parse_args(list(argv) + ["--pipeline"])
-    L.resolve_config(args)
-    net, m = L.build(args, L.DATASETS["cifar10"])
+    args, spec, opts = L.resolve_config(L.parse_args(list(argv) + ["--pipeline"]))
+    net, m = L.build(args, spec, opts)
     with pytest.raises(L.UserError, match=message):
-        L.check_pipeline(args, net, m.opts.chain, 3)
+        L.check_pipeline(m.opts.chain, net.K, 3, args.stages, args.sync_bn, args.amp)
 
 
 def test_pipeline_refusal_is_one_line_under_torchrun(cifar_dir):
@@ -1648,9 +1645,9 @@ def test_pipeline_boundary_dtype_is_the_sequential_runs():
     """Activations travel as float32; a stage casts them back to what its first module receives sequentially."""
     net = L.LocalNet.resnet("resnet20", 10, L.split_ends("resnet20", 4), 32)
     bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
-    assert L.boundary_dtype(net, 2, torch.bfloat16, bf16, torch.device("cpu")) == torch.bfloat16
-    assert L.boundary_dtype(net, 2, None, contextlib.nullcontext(), torch.device("cpu")) == torch.float32
-    assert L.boundary_dtype(net, 0, torch.bfloat16, bf16, torch.device("cpu")) == torch.float32
+    assert L.boundary_dtype(net, 2, bf16, torch.device("cpu")) == torch.bfloat16
+    assert L.boundary_dtype(net, 2, contextlib.nullcontext(), torch.device("cpu")) == torch.float32
+    assert L.boundary_dtype(net, 0, bf16, torch.device("cpu")) == torch.float32
     assert net.training
 
 
@@ -1806,7 +1803,7 @@ def test_compiled_steps_equal_eager(method, opts, backend):
         g = torch.Generator().manual_seed(1)
         for _ in range(3):
             x, y = torch.randn(8, 3, 16, 16, generator=g).double(), torch.randint(0, 10, (8,), generator=g)
-            L.train_step(net, m, opt, L.Batch(x, y), compiled=c)
+            L.train_step(net, m, opt, L.Batch(x, y), L.Step(compiled=c))
         states.append({**net.state_dict(), **{"m." + k: v for k, v in m.state_dict().items()}})
     for k in states[0]:
         assert torch.allclose(states[0][k].double(), states[1][k].double(), rtol=1e-9, atol=1e-12), k
