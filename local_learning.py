@@ -722,7 +722,8 @@ def split_ends(arch, K, balanced=False, dataset=""):
     blocks = ARCHS[arch][2]
     B = sum(blocks)
     if K < 1 or K > B + 1:
-        raise UserError(f"--K {K} is impossible for {arch}: it has {B} residual blocks + the stem, so 1 <= K <= {B + 1}")
+        raise UserError(f"--K {K} is impossible for {arch}: it has {B} residual blocks + the stem, "
+                        f"so 1 <= K <= {B + 1}")
     if balanced:
         table = BALANCED.get(dataset, {}) if arch == "resnet110" else {}
         if K not in table:
@@ -1933,7 +1934,8 @@ def sgr_distance(a, b, kind):
 
     Batch-size invariant (our choice; the paper's constants were not available): a mean-reduced loss gives every
     sample's gradient a 1/B factor, so both are multiplied by B (per-sample-loss gradients) and the distance is
-    averaged over samples:  sq_l2 = mean_i ||a_i - b_i||^2,  l2 = mean_i ||a_i - b_i||,  cos = mean_i (1 - cos(a_i, b_i)).
+    averaged over samples:  sq_l2 = mean_i ||a_i - b_i||^2,  l2 = mean_i ||a_i - b_i||,
+    cos = mean_i (1 - cos(a_i, b_i)).
     Computed in (at least) fp32."""
     B = a.shape[0]
     a, b = fp32(a).flatten(1) * B, fp32(b).flatten(1) * B
@@ -2911,9 +2913,10 @@ class Pipeline(Trainer):
             opt.zero_grad(set_to_none=True)
             for name, value in zip(self.method.carried, carried):
                 setattr(self.method, name, value)
-            with meter if i < self.mem_iters else contextlib.nullcontext():
+            metered = i < self.mem_iters                    # (metered iterations run eager)
+            with meter if metered else contextlib.nullcontext():
                 h, losses, correct = run_modules(self.net, self.method, Batch(x, y, *self.norm), h, self.modules,
-                                                 self.step if i >= self.mem_iters else replace(self.step, compiled=None))
+                                                 replace(self.step, compiled=None) if metered else self.step)
             if not self.last:
                 out = [x, y, h.float()]                      # (bf16 under autocast: sent as fp32, losslessly)
                 for name in self.method.carried:
@@ -3261,7 +3264,8 @@ def report_bench(rows):
                 vs = f"{100 * (mem(r) / mem(bp) - 1):+.1f} %" if bp and r is not bp else ""
                 out.append(f"| {'infopro*' if r['method'] != 'bp' else 'bp'} | {r['K']} | {mem(r) / 1e9:.2f} | {vs} | "
                            f"{paper.get(r['K'] if r['method'] != 'bp' else 1, '')} |")
-            out += ["", "GB = 1e9 bytes: CUDA max_memory_allocated where measured, else the activation meter alone.", ""]
+            out += ["", "GB = 1e9 bytes: CUDA max_memory_allocated where measured, else the activation meter alone.",
+                    ""]
     return out
 
 
@@ -3306,8 +3310,9 @@ def report_errors(ds, rs, cols, groups, order):
     """Test error (%) per method and arch/K: mean +- std over seeds of the final epoch."""
     mean_std = lambda v: (sum(v) / len(v), (sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1)) ** 0.5
                           if len(v) > 1 else 0.0)
-    out = [f"### {ds}: test error (%), mean ± std over seeds (final epoch; epochs {sorted({r['epochs'] for r in rs})})",
-           "", "| method | " + " | ".join(f"{a} K={k}" for a, k in cols) + " |", "|---|" + "---|" * len(cols)]
+    epochs = sorted({r["epochs"] for r in rs})
+    out = [f"### {ds}: test error (%), mean ± std over seeds (final epoch; epochs {epochs})", "",
+           "| method | " + " | ".join(f"{a} K={k}" for a, k in cols) + " |", "|---|" + "---|" * len(cols)]
     for m in order:
         cells = []
         for c in cols:
@@ -3330,7 +3335,8 @@ def report_memory(ds, rs, cols, groups, order):
         return r["act_peak_bytes"] + r["param_bytes"] + r["grad_bytes"] + r["opt_state_bytes"]
 
     out = ["", f"### {ds}: peak memory and throughput (vs BP of the same arch)", "",
-           "| method | arch | K | peak memory | saved vs BP | img/s | overhead vs BP |", "|---|---|---|---|---|---|---|"]
+           "| method | arch | K | peak memory | saved vs BP | img/s | overhead vs BP |",
+           "|---|---|---|---|---|---|---|"]
     bp = {a: [r for r in rs if r["method"] == "bp" and r["arch"] == a] for a, _ in cols}
     for m in order:
         for a, k in cols:
