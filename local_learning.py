@@ -109,9 +109,11 @@ def build_parser():
     for name, o in all_options().items():   # method options (section 5), each declared by its method
         if o.help is None:                     # (internal: resolved from other options)
             continue
-        shown = "" if o.default is None or callable(o.default) or "(default" in o.help else f" (default {o.default})"
-        kw = dict(type=o.type) if o.type else {}
-        p.add_argument(f"--{name.replace('_', '-')}", default=None, choices=o.choices, help=o.help + shown, **kw)
+        shown = "" if o.default is None or callable(o.default) or "(default" in o.help or o.type is bool \
+            else f" (default {o.default})"
+        kw = dict(action="store_true") if o.type is bool else dict(type=o.type, choices=o.choices) if o.type else \
+            dict(choices=o.choices)
+        p.add_argument(f"--{name.replace('_', '-')}", default=None, help=o.help + shown, **kw)
     return p
 
 
@@ -134,18 +136,25 @@ def _what_to_train(a):
     a("--arch", default="resnet32", choices=sorted(ARCHS, key=lambda s: (ARCHS[s][0], int(s[6:]))),
       help="backbone: CIFAR ResNets resnet20/32/44/56/110 or torchvision-style ImageNet ResNets")
     a("--base", default=None,
-      help="what an add-on wraps: --method man --base infopro|dgl, --method mlaan --base infopro|dgl|greedy "
-           "(default infopro); --method sgr --base any method, add-ons as a chain, e.g. man+dgl (default infopro)")
+      help="what an add-on wraps: --method man --base infopro|dgl (default infopro), --method mlaan --base "
+           "greedy|dgl|infopro (default greedy, the official train.py's model); --method sgr --base any method, "
+           "add-ons as a chain, e.g. man+dgl (default infopro)")
     a("--K", type=int, default=None, help="number of gradient-isolated modules (default: 1 for bp, else 16)")
     a("--balanced-memory", action="store_true",
       help="InfoPro* split tables (ResNet-110 on cifar10/stl10, K=2,3,4): fewer blocks in early modules")
     a("--print-splits", action="store_true", help="print which blocks each module owns and the aux-net "
       "input shapes, then exit")
+    a("--print-config", action="store_true", help="print the resolved config (one line, then one JSON line of every "
+      "resolved value) and exit without reading data")
+    a("--protocol", default=None, choices=sorted(PROTOCOLS),
+      help="train under the protocol of this paper's official script (epochs, batch, lr, warm-up, AugLocal's "
+           "pyramid; on ImageNet that paper's ImageNet protocol); default: the method's own paper's (InfoPro's for "
+           "the baselines bp, greedy, dgl, predsim and for sgr)")
 
 
 def _how_to_train(a):
-    a("--epochs", type=int, default=None, help="training epochs (default 160, the InfoPro protocol; imagenet: the "
-      "method's paper, e.g. 90)")
+    a("--epochs", type=int, default=None, help="training epochs (default: the protocol's -- 160 for InfoPro's and "
+      "the baselines, 400 for MAN, MLAAN and AugLocal; imagenet: the method's paper, e.g. 90)")
     a("--batch-size", type=int, default=None, help="the global batch (split over torchrun ranks); default 1024 "
       "(CIFAR, SVHN), 128 (STL-10); imagenet: the method's paper (e.g. 256)")
     a("--lr", type=float, default=None, help="initial learning rate (default 0.8 at batch 1024, 0.1 at 128; "
@@ -179,6 +188,9 @@ def _where_to_write(a):
     a("--out", default=None, help="append the final JSON line to this file (e.g. results.jsonl)")
     a("--report", default=None, metavar="RESULTS",
       help="render a results.jsonl (from --out / run_all.sh) as Markdown tables in the papers' layout, then exit")
+    a("--plot", default=None, metavar="OUT.png",
+      help="--report: also draw test error against activation memory and against FLOPs (one point per run) and the "
+           "per-module aux accuracies into this PNG (needs matplotlib)")
     a("--report-run", type=int, default=None, metavar="LINE",
       help="--report: line number (1-based) of the run whose per-module accuracies are tabulated (default: "
            "the last run with the most per-module accuracies)")
@@ -186,6 +198,39 @@ def _where_to_write(a):
 
 def parse_args(argv=None):
     return build_parser().parse_args(argv)
+
+
+# The training protocol behind each paper's numbers on CIFAR-10/100, SVHN and STL-10, where it differs from InfoPro's
+# (the dataset table of section 2: 160 epochs, batch 1024 / lr 0.8 -- STL-10 128 / 0.1 -- and 10 warm-up epochs).
+# On ImageNet each paper's own ImageNet protocol applies (`imagenet_protocol`, section 5).
+PROTOCOLS = {
+    "infopro": {},                                # InfoPro-Pytorch's train.py and comand.sh
+    "man": dict(epochs=400),                      # MAN's train.py hard-codes 400 epochs
+    "mlaan": dict(epochs=400),                    # MLAAN's train.py (whose Greedy-head model is MLAAN's default base)
+    "auglocal": dict(epochs=400, pyramid=0.5),    # every command of AugLocal's run.sh
+}
+
+
+def protocol_defaults(args, spec, chain):
+    """Fill batch, lr, epochs, warm-up and the protocol's method options (AugLocal's pyramid) that were not given:
+    from the protocol of the paper the run reproduces (--protocol, else the method's own), else the dataset's.
+    Returns {flag: where its default came from}."""
+    if spec.schedule == "imagenet":   # (the outermost method of the chain that has an ImageNet protocol)
+        owner = args.protocol or next((n for n in chain if METHODS[n].imagenet_protocol), None)
+        proto = dict(METHODS[owner].imagenet_protocol or {}) if owner else {}
+    else:
+        owner = args.protocol or METHODS[args.method].protocol
+        proto = {k: v for k, v in PROTOCOLS[owner].items() if k != "pyramid" or "auglocal" in chain}
+    dataset = dict(batch_size=spec.batch, lr=spec.lr, epochs=spec.epochs,
+                   warmup_epochs=10 if spec.schedule == "cifar" else 0)
+    sources = {}
+    for key in ("batch_size", "lr", "epochs", "warmup_epochs", "pyramid"):
+        if getattr(args, key) is None and (key in proto or key in dataset):
+            setattr(args, key, proto.get(key, dataset.get(key)))
+            imagenet = spec.schedule == "imagenet"
+            sources[key] = (f"{owner}'s ImageNet protocol" if imagenet else f"{owner} protocol") if key in proto else \
+                "ImageNet defaults" if imagenet else f"{spec.name} defaults of the InfoPro protocol"
+    return sources
 
 
 def resolve_config(args):
@@ -200,13 +245,7 @@ def resolve_config(args):
     chain = method_chain(args.method, args.base)          # unknown or incompatible names fail here, in one line
     args.base = "+".join(chain[1:]) or None
     args.K = METHODS[args.method].default_K if args.K is None else args.K
-    # ImageNet: each paper's protocol (the outermost method of the chain that has one), else the dataset's.
-    proto = next((METHODS[n].imagenet_protocol for n in chain if METHODS[n].imagenet_protocol), {}) \
-        if spec.schedule == "imagenet" else {}
-    args.batch_size = proto.get("batch_size", spec.batch) if args.batch_size is None else args.batch_size
-    args.lr = proto.get("lr", spec.lr) if args.lr is None else args.lr
-    args.epochs = proto.get("epochs", spec.epochs) if args.epochs is None else args.epochs
-    args.warmup_epochs = (10 if spec.schedule == "cifar" else 0) if args.warmup_epochs is None else args.warmup_epochs
+    args.sources = protocol_defaults(args, spec, chain)
     least = dict(batch_size=2, epochs=1, bench=0, subset=0, test_subset=0, mem_iters=0, lr=0, wd=0, warmup_epochs=0)
     for name, lo in least.items():   # (batch >= 2: train-mode BatchNorm needs two samples)
         if getattr(args, name) < lo:
@@ -1245,6 +1284,13 @@ def need_image_features(method, shape, what="its aux nets"):
                         f"{'x'.join(map(str, shape))}")
 
 
+def chain_of(method):
+    """The method and its bases, outermost first (instances: `--method sgr --base man+dgl` -> SGR, MAN, DGL)."""
+    while method is not None:
+        yield method
+        method = getattr(method, "base", None)
+
+
 def module_positions(n):
     """r_k = k / (n - 1) for the n local modules (0 when there is one): where each sits between first and last."""
     return [k / (n - 1) if n > 1 else 0.0 for k in range(n)]
@@ -1269,6 +1315,7 @@ class LocalMethod(nn.Module):
     options = {}                                  # option name -> Opt, the options this method introduces
     bases, default_base, base_defaults = (), None, {}   # add-ons: accepted --base names, and defaults set for them
     default_K = 16
+    protocol = "infopro"                          # whose training protocol the command line uses (section 1)
     imagenet_protocol = None                      # the paper's ImageNet batch, lr and epochs, where it has one
     eager_only = None                             # why --compile cannot run this method (None: it can)
     double_backward = False                       # its step differentiates a gradient again (SGR)
@@ -1334,16 +1381,91 @@ class LocalMethod(nn.Module):
         return ""
 
 
+class Recompute(torch.autograd.Function):
+    """Activation checkpointing of one module: the forward keeps only the module's input (a tensor autograd saves,
+    so the memory meter counts it), the backward recomputes the module -- under the forward's autocast, leaving
+    BatchNorm's running statistics as they were (the recomputation would update them a second time) -- and
+    backpropagates through it. The parameters are inputs (so that even the first module's output needs a
+    backward); their gradients accumulate in .grad during it."""
+
+    @staticmethod
+    def forward(ctx, units, x, *params):
+        ctx.units, ctx.device = units, x.device.type
+        ctx.amp = torch.is_autocast_enabled(ctx.device), torch.get_autocast_dtype(ctx.device)
+        ctx.save_for_backward(x, *params)
+        with torch.no_grad():
+            for u in units:
+                x = u(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        x, *params = ctx.saved_tensors
+        x = x.detach().requires_grad_(ctx.needs_input_grad[1])
+        bns = [m for u in ctx.units for m in u.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        stats = [[b.clone() for b in m.buffers()] for m in bns]
+        with torch.enable_grad(), torch.autocast(ctx.device, ctx.amp[1], enabled=ctx.amp[0]):
+            out = x
+            for u in ctx.units:
+                out = u(out)
+        # The parameters' gradients accumulate in their .grad as in any backward; the input's is handed back.
+        torch.autograd.backward(out, g, inputs=[t for t in (x, *params) if t.requires_grad])
+        with torch.no_grad():   # (after the backward through them: BatchNorm's backward reads its buffers)
+            for m, saved in zip(bns, stats):
+                for b, v in zip(m.buffers(), saved):
+                    b.copy_(v)
+        return (None, x.grad, *[None] * len(params))
+
+
 @register
 class BP(LocalMethod):
-    """End-to-end backpropagation: one module (K = 1), the real head's cross-entropy, no aux nets."""
+    """End-to-end backpropagation: the real head's cross-entropy, no aux nets; one module (K = 1).
+
+    --checkpoint: BP with activation checkpointing at the K modules of the split -- what one would pick instead
+    of local learning to save memory with BP's exact gradients. The forward keeps only each module's input; the
+    backward recomputes one module at a time, last to first (Recompute), so autograd holds the K boundaries plus
+    one module's activations, for one extra forward of modules 1..K-1. The whole pass runs at the last module's
+    step (the earlier modules' steps have no loss of their own)."""
     name = "bp"
     default_K = 1
+    options = dict(checkpoint=Opt(False, "BP: activation checkpointing at the K modules of the split (each module "
+                                  "recomputed in the backward; BP's exact gradients)", type=bool))
 
     @classmethod
     def check(cls, net, opts):
-        if net.K != 1:
-            raise UserError(f"--method bp trains end to end; use --K 1 (got --K {net.K})")
+        if net.K != 1 and not opts.checkpoint:
+            raise UserError(f"--method bp trains end to end; use --K 1 (got --K {net.K}), or --checkpoint to "
+                            f"checkpoint its activations at K modules")
+
+    def __init__(self, net, opts, num_classes, shapes=None, r=None, init=True):
+        super().__init__(net, opts, num_classes, shapes=[])   # no aux nets
+
+    def parts(self, k):
+        return []
+
+    def describe(self, net, k):
+        return net.unit_shapes[net.ends[k]], "(checkpoint: its input is kept, the module recomputed in the backward)"
+
+    @property
+    def eager_only(self):
+        return "BP's activation checkpointing" if self.opts.checkpoint and self.K > 1 else None
+
+    @property
+    def crosses_modules(self):
+        return "BP's backward runs through every module" if self.K > 1 else None
+
+    def forward(self, net, k, h_in, batch):
+        if self.K == 1:
+            return super().forward(net, k, h_in, batch)
+        if k < self.K - 1:                                  # (no loss of its own: the pass runs at the last one)
+            return h_in, fp32(h_in.new_zeros(())), None
+        h = batch.x
+        for j in range(self.K - 1):
+            units = net.units[slice(*net.bounds[j])]
+            h = Recompute.apply(units, h, *[p for u in units for p in u.parameters()])
+        h = net.run(h, k)
+        logits = net.head(h)
+        return h, F.cross_entropy(logits, batch.y), logits
 
 
 @register
@@ -1539,6 +1661,7 @@ class AugLocal(LocalMethod):
     On our ResNets the copied blocks are rebuilt with the widths and strides that fit (like the official code);
     on any other backbone the selected units are deep-copied and re-initialised, so their shapes must chain."""
     name = "auglocal"
+    protocol = "auglocal"
     imagenet_protocol = dict(batch_size=1024, lr=0.4, epochs=200)
     options = dict(aux_depth=Opt(3, "AugLocal: units per aux net d (official 1, 3, 5)", type=int, lo=1),
                    pyramid=Opt(0.0, "AugLocal pyramidal depth coefficient c (official commands 0.5; 0 = same depth d)",
@@ -1675,6 +1798,7 @@ class MAN(AddOn):
     default 1.0 freezes the EMA branch at its random init; its README uses 0.995).
     DGL base: z_k feeds DGL's aux net with CE, weight 1 (inferred: the public MAN code has no DGL variant)."""
     name = "man"
+    protocol = "man"
     bases, default_base = ("infopro", "dgl"), "infopro"
     base_defaults = {"infopro": dict(aux_config="2c2f", local_loss="cross_entropy",
                                      lambdas=lambda c: ((5, 0.75, 5, 0.75), "MAN ImageNet code (hard-coded)")
@@ -1771,26 +1895,20 @@ class MLAAN(LocalMethod):
         L_i = 0.001 * loss_base(indep head(x_i)) + 0.999 * loss_base(cascade head(chain(y)))
         L_last = CE(FC(GAP(y_last)))   (the last module's loss also goes through the cascade)
 
-    The heads and loss_base are the base method's (MLAAN_BASES, as the official files): greedy = resnetMLAAN.py,
-    the model the official train.py builds (GAP + Linear, CE, D = 2); dgl = resnetDGLbin.py (MLAANDGLAux, CE,
-    D = 3); infopro = resnetInfoProbin.py (decoder + classifier on both branches, D = 3, the cascade classifier
-    --aux-config / --local-loss, default 1c2f CE; weights (a, b) of recon / task with r_i = s_i / (M - 2),
-    s_i = stage of module i's last block, M = modules built; default lambdas 5, 0.5, 0, 0). ImageNet ResNets
-    (ResNet-34 K=16, ResNet-101 K=33; ImageNet/networks/resnet34.py, resnet101.py): the greedy base only, with
-    that code's independent heads (MLAANImageNetAux), D = 3, the copies randomly initialised, every boundary's EMA
-    updated after its backward and the last one again at the end (--mlaan-ema all+last), and
-    L_last = 0.001 CE(FC(x_last)) + 0.999 CE(FC(y_last)).
-    Reproduced quirks: the stem merges into module 1 (ResNet-32 K=16 -> 15 modules, ResNet-110 K=55 -> 54);
-    no loss before boundary D-1; CIFAR copies start equal to the freshly initialised blocks; the official CIFAR
-    code updates only the LAST boundary's EMA, after the final backward (--mlaan-ema last, default; `all`
-    updates every boundary's EMA once, after its own backward, as the paper describes); BN statistics of re-run
-    blocks are updated once per run; the InfoPro file never freezes its "EMA" copies, so they are SGD-trained
-    too (the last one also EMA-blended; --mlaan-copies trained, the default on that base; `frozen` as the other
-    files). Fixed: EMA decay defaults to 0.995 (official default 1.0 freezes it); only the parts that are used
-    are built (the official constructors also build hundreds of dead heads); the released ResNet-34 code
-    zero-initialises every block's last BN by accident (a deleted `if`) -- not reproduced."""
+    The heads and loss_base are the base method's, as the official files build them (MLAAN_BASES): greedy =
+    resnetMLAAN.py, the model the official train.py builds (D = 2); dgl = resnetDGLbin.py (D = 3); infopro =
+    resnetInfoProbin.py (decoder + classifier on both branches, D = 3; loss weights interpolated over
+    r_i = s_i / (M - 2), s_i = stage of module i's last block, M = modules built; lambdas 5, 0.5, 0, 0). ImageNet
+    (ResNet-34 K=16, ResNet-101 K=33; its resnet34.py, resnet101.py): the greedy base only, that code's independent
+    heads (MLAANImageNetAux), D = 3, random copies, every boundary's EMA updated after its backward and the last
+    again at the end (--mlaan-ema all+last), L_last = 0.001 CE(FC(x_last)) + 0.999 CE(FC(y_last)). Defaults:
+    EMA decay 0.995 (the official default 1.0 freezes the EMA), --mlaan-ema last (the official CIFAR code; `all`
+    = the paper), copies frozen on greedy/dgl and SGD-trained on infopro (each official file). Only the parts
+    that are used are built (the official constructors also build hundreds of dead heads); the released ResNet-34
+    code zero-initialises every block's last BN by accident (a deleted `if`): not reproduced."""
     name = "mlaan"
-    bases, default_base = ("infopro", "dgl", "greedy"), "infopro"
+    protocol = "mlaan"
+    bases, default_base = ("infopro", "dgl", "greedy"), "greedy"   # greedy: the model the official train.py builds
     base_defaults = {"greedy": dict(mlaan_depth=lambda c: 3 if family(c.arch) == "imagenet" else 2,
                                     mlaan_copies="frozen"),
                      "dgl": dict(mlaan_depth=3, mlaan_copies="frozen"),
@@ -1814,7 +1932,7 @@ class MLAAN(LocalMethod):
 
     @classmethod
     def adjust_ends(cls, ends, opts):
-        return merge_stem(ends)                             # the stem is trained with module 1, as in MAN
+        return merge_stem(ends)        # reproduced: the stem trains with module 1 (ResNet-32 K=16 -> 15 modules)
 
     @classmethod
     def check(cls, net, opts):
@@ -1832,7 +1950,7 @@ class MLAAN(LocalMethod):
     def __init__(self, net, opts, num_classes):
         super().__init__(net, opts, num_classes, shapes=[])
         M, self.depth, self.base_name = net.K, opts.mlaan_depth, opts.chain[1]
-        self.first = self.depth - 1                         # first boundary with a loss
+        self.first = self.depth - 1                         # reproduced: no loss before boundary D-1
         self.imagenet = family(net.arch) == "imagenet"
         self.decay, self.ema_mode = opts.ema_decay, opts.mlaan_ema
         pos = {unit_position(net.arch, u): u for u in range(len(net.units))}
@@ -1845,8 +1963,8 @@ class MLAAN(LocalMethod):
         dup = fresh_copy if self.imagenet else copy.deepcopy
         self.aug = nn.ModuleDict({str(i): nn.Sequential(*[dup(net.units[u]) for u in chains[i]]) for i in live})
         self.ema = nn.ModuleDict({str(i): dup(net.units[chains[i][0]]) for i in live if self.ema_mode != "none"})
-        for p in self.ema.parameters():
-            p.requires_grad_(opts.mlaan_copies == "trained")
+        for p in self.ema.parameters():   # (the official InfoPro file never freezes its "EMA" copies: SGD trains
+            p.requires_grad_(opts.mlaan_copies == "trained")       # them too, the last one also EMA-blended)
         # The heads of boundary i, as its base method builds and scores them: on module i's own output, and on the
         # leap chain's (the last block's shape). Both sets are initialised once both exist, as the official code.
         local, changes, cascade = MLAAN_BASES[self.base_name]
@@ -1905,6 +2023,8 @@ class MLAAN(LocalMethod):
         return y
 
     def after_backward(self, net, k):
+        # Reproduced: the official CIFAR code updates only the LAST boundary's EMA, after the final backward
+        # (--mlaan-ema last); `all` updates every boundary's EMA once, after its own backward, as the paper says.
         last = self.K - 1
         every = [k] if k < last and self.ema_mode not in ("last", "none") else []
         at_end = [last - 1] if k == last and self.ema_mode in ("last", "all+last") else []
@@ -2292,7 +2412,7 @@ def train_step(net, method, opt, batch, step=None, meter=None):
 def use_channels_last(device, method):
     """NHWC memory format for the convolutions: faster on CUDA and, measured, on CPU (oneDNN kernels), except
     for a double backward (SGR) on CPU, which is slower in it."""
-    double = any(METHODS[n].double_backward for n in method.opts.chain)
+    double = any(m.double_backward for m in chain_of(method))
     return device.type == "cuda" or (device.type == "cpu" and not double)
 
 
@@ -2302,7 +2422,7 @@ def compile_modules(net, method, mode, device, backend="inductor"):
     step's loop and per-module backward calls are Python between the graphs; modules of the same shape share
     compiled code through the FX graph cache. Returns {k: callable}, or None (eager, with a printed line) for a
     method that cannot run compiled (`eager_only`). The activation meter's iterations (--mem-iters) run eager."""
-    why = next((METHODS[n].eager_only for n in method.opts.chain if METHODS[n].eager_only), None)
+    why = next((m.eager_only for m in chain_of(method) if m.eager_only), None)
     if why:
         print(f"--compile: {why} cannot run compiled; this run is eager", flush=True)
         return None
@@ -2319,6 +2439,18 @@ def check_finite(loss, epoch, it=None):
     if not math.isfinite(loss):
         where = f"epoch {epoch}" + (f", iteration {it + 1}" if it is not None else "")
         raise UserError(f"training loss became {loss} at {where}; lower --lr (or use --amp none)")
+
+
+class _NoModuleTracking:
+    """FlopCounterMode without its attribution of FLOPs to modules: all of them count as "Global". (Its module
+    tracker hooks every module input, and those hooks fail inside an autograd.grad -- SGR's double backward.)"""
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
 
 
 class Trainer:
@@ -2428,6 +2560,22 @@ class Trainer:
         return dict(act_peak_bytes=max((h["act_peak_bytes"] for h in history), default=None),
                     cuda_peak_alloc=last.get("cuda_peak_alloc"), cuda_peak_reserved=last.get("cuda_peak_reserved"),
                     **state_bytes(self.params, opt), train_img_s=sum(r["seen"] for r in ran) / secs if secs else None)
+
+    def flops_per_img(self):
+        """FLOPs of one training step per image -- forward, every local backward, aux nets, a recomputation or a
+        double backward where the method has one -- counted by torch's FlopCounterMode (2 per multiply-add) on one
+        more batch, after the run's timed steps (its update is not applied). None where this process loads no data."""
+        if self.train_loader is None:
+            return None
+        from torch.utils.flop_counter import FlopCounterMode
+        x, y = next(iter(self.train_loader))
+        counter = FlopCounterMode(display=False)
+        counter.mod_tracker = _NoModuleTracking()         # (its per-module breakdown breaks autograd.grad: SGR)
+        with counter:
+            forward_backward(self.net, self.method, Batch(x, y, *self.norm), self.step.scaler, self.step.autocast)
+        self.net.zero_grad(set_to_none=True)
+        self.method.zero_grad(set_to_none=True)
+        return counter.get_total_flops() / len(y)
 
     def bench(self, row, opt):
         """What a --bench JSON line adds about this run."""
@@ -2728,10 +2876,10 @@ def balance(costs, S):
     return cuts[::-1]
 
 
-def check_pipeline(chain, K, S, stages=None, sync_bn=False, amp="none"):
+def check_pipeline(method, S, stages=None, sync_bn=False, amp="none"):
     """Refuse what --pipeline cannot run (one line); returns the --stages cut as module counts, or None."""
-    why = None
-    crosses = next((METHODS[n].crosses_modules for n in chain if METHODS[n].crosses_modules), None)
+    why, chain, K = None, method.opts.chain, method.K
+    crosses = next((m.crosses_modules for m in chain_of(method) if m.crosses_modules), None)
     if crosses:
         why = f"{crosses}, across the stage boundary"
     elif len([n for n in chain if METHODS[n].bases]) > 1:
@@ -2759,7 +2907,7 @@ def pipeline_cut(cfg, net, method, step, ck=None):
     """(modules per stage, how they were chosen): --stages, else the cut of the checkpoint being resumed, else
     balanced by the time rank 0 measures for each module with its aux net; every rank takes that partition."""
     S = dist.get_world_size()
-    sizes = check_pipeline(method.opts.chain, net.K, S, cfg.stages, cfg.sync_bn, cfg.amp)
+    sizes = check_pipeline(method, S, cfg.stages, cfg.sync_bn, cfg.amp)
     if sizes is not None:
         return sizes, "by hand (--stages)"
     if ck is not None and ck.get("stages"):
@@ -3044,9 +3192,10 @@ def print_splits(net, method):
         print(f"{k:>6}  {names:<14} {nb:>6} {p:>10,}  {shape:<12} {ap:>10}  {note}".rstrip())
 
 
-# Flags that may differ between a run and its resumption (where files are, how much is logged).
+# Flags that may differ between a run and its resumption (where files are, how much is logged; --pipeline checks
+# its stages itself).
 RESUME_FREE = {"save", "resume", "out", "log_secs", "workers", "device", "data_dir", "mem_iters", "no_download",
-               "report", "report_run", "print_splits", "compile", "stages"}   # (--pipeline checks its stages)
+               "report", "report_run", "plot", "print_splits", "print_config", "compile", "stages"}
 
 
 def atomic_save(obj, path):
@@ -3091,6 +3240,12 @@ def train(cfg, spec, opts):
     net, method = build(cfg, spec, opts)
     if cfg.print_splits:
         return print_splits(net, method)
+    if cfg.print_config:   # (lambdas is a pair (values, where they came from): the values, then the source)
+        print_config(cfg, method, device=str(device), modules=net.K)
+        values = resolved_values(cfg, method)
+        if "lambdas" in values:
+            values.update(lambdas=list(values["lambdas"][0]), lambdas_source=values["lambdas"][1])
+        return print(json.dumps(dict(values, modules=net.K, sources=cfg.sources)), flush=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the originals' setting (and what their memory numbers assume)
     net.to(device)
@@ -3139,7 +3294,7 @@ def fit(cfg, spec, trainer, ck=None):
         row = trainer.train_epoch(opt, epoch, cfg.epochs, warmup_steps(cfg, trainer.step) if cfg.bench else 0,
                                   last=cfg.bench or epoch == cfg.epochs)
         if cfg.bench:
-            return emit(bench_result(cfg, spec, trainer, row, opt), out)
+            return emit(dict(bench_result(cfg, spec, trainer, row, opt), flops_per_img=trainer.flops_per_img()), out)
         check_finite(row["loss"], epoch)
         row = dict(epoch=epoch, lr=lr, **row, test_acc=trainer.evaluate())
         best = max(best, row["test_acc"])
@@ -3149,15 +3304,24 @@ def fit(cfg, spec, trainer, ck=None):
               f"{trainer.row_text(row)}", flush=True)
         if cfg.save:
             trainer.save(cfg.save, dict(epoch=epoch, best=best, history=history, args=vars(cfg)), opt)
-    return emit(run_result(cfg, trainer, history, best, t_start, **trainer.result(history, ran, opt)), out)
+    extra = dict(trainer.result(history, ran, opt), flops_per_img=trainer.flops_per_img())
+    return emit(run_result(cfg, trainer, history, best, t_start, **extra), out)
+
+
+def resolved_values(cfg, method):
+    """Every resolved value, keyed by flag name: the flags, then the method options as resolved."""
+    values = {k: v for k, v in vars(cfg).items() if k not in all_options() and k != "sources"}
+    return dict(values, **{k: v for k, v in vars(method.opts).items() if k not in CONTEXT and k != "chain"})
 
 
 def print_config(cfg, method, **extra):
-    """The resolved config, one line (flags, then method options as resolved, then `extra`), and the method's
-    resolved settings (e.g. InfoPro's loss weights per module)."""
-    line = {k: v for k, v in vars(cfg).items() if k not in all_options()}      # method options: resolved values
-    line.update({k: v for k, v in vars(method.opts).items() if k not in CONTEXT and k != "chain"}, **extra)
-    print("config: " + " ".join(f"{k}={v}" for k, v in line.items()), flush=True)
+    """The resolved config, one line (flags, method options as resolved, then `extra`), where the defaults came
+    from, and the method's resolved settings (e.g. InfoPro's loss weights per module)."""
+    print("config: " + " ".join(f"{k}={v}" for k, v in dict(resolved_values(cfg, method), **extra).items()), flush=True)
+    by_source = {}
+    for key, source in cfg.sources.items():
+        by_source.setdefault(source, []).append(f"{key}={getattr(cfg, key)}")
+    print("defaults: " + "; ".join(f"{', '.join(keys)} ({source})" for source, keys in by_source.items()), flush=True)
     if method.summary():
         print(f"{cfg.method}: {method.summary()}", flush=True)
 
@@ -3166,10 +3330,11 @@ def run_result(cfg, trainer, history, best, t_start, **extra):
     """The final JSON line of a training run (`extra`: what the kind of run measures)."""
     last = history[-1] if history else {}
     return dict(method=cfg.method, dataset=cfg.dataset, arch=cfg.arch, K=cfg.K, modules=trainer.net.K, seed=cfg.seed,
-                epochs=cfg.epochs, base=cfg.base, batch_size=cfg.batch_size, lr=cfg.lr, device=str(trainer.device),
+                epochs=cfg.epochs, base=cfg.base, batch_size=cfg.batch_size, lr=cfg.lr, options=given_options(cfg),
+                balanced_memory=cfg.balanced_memory, device=str(trainer.device),
                 world_size=trainer.world, final_acc=last.get("test_acc"), best_acc=best, module_acc=last.get("aux_acc"),
                 **extra, summary=trainer.method.summary(), wall_s=time.time() - t_start,
-                history=[{k: h[k] for k in ("epoch", "loss", "train_acc", "test_acc")} for h in history])
+                history=[{k: h.get(k) for k in ("epoch", "loss", "train_acc", "test_acc", "aux_acc")} for h in history])
 
 
 def bench_result(cfg, spec, trainer, row, opt):
@@ -3203,32 +3368,32 @@ def emit(result, out):
             f.write(line + "\n")
     return result
 
-def bench_label(r):
-    """method[+base] and the options that distinguish a row (e.g. auglocal d=3 pyramid=0.5)."""
+def run_label(r):
+    """method[+base] and the options that distinguish a row (auglocal d=3 pyramid=0.5, bp checkpoint, infopro*)."""
     opts = {k: v for k, v in (r.get("options") or {}).items() if not (k == "local_loss" and r["method"] == "bp")}
     short = dict(aux_depth="d", pyramid="pyramid", dgl_head="head", local_loss="loss")
-    return r["method"] + (f"+{r['base']}" if r.get("base") else "") + \
-        "".join(f" {short.get(k, k)}={v}" for k, v in sorted(opts.items()))
+    return r["method"] + ("*" if r.get("balanced_memory") else "") + (f"+{r['base']}" if r.get("base") else "") + \
+        "".join(f" {short.get(k, k)}" + ("" if v is True else f"={v}") for k, v in sorted(opts.items()))
 
 
 def report_bench(rows):
     """The speed/memory table of --bench lines (BENCH=1 run_all.sh): per method and arch/K, modules, activation
-    peak (vs BP of the same arch), img/s eager and compiled (overhead vs BP eager), CUDA peak memory where
-    measured; and, from --balanced-memory rows at the same batch, InfoPro's memory table (Table 3)."""
+    peak and FLOPs per image (vs BP of the same arch), img/s eager (overhead vs BP) and compiled, CUDA peak memory
+    where measured. (The rows at the papers' own batches are report_paper_memory's.)"""
     out, key = [], lambda r: (r["device_name"] if r.get("device_name") else r["device"], r["batch"], r.get("amp"))
     for (dev, batch, amp), rs in {k: [r for r in rows if key(r) == k] for k in dict.fromkeys(map(key, rows))}.items():
-        plain = [r for r in rs if not r.get("balanced_memory")]
-        cols = sorted({(r["arch"], r["K"]) for r in plain if r["method"] != "bp"}, key=lambda c: (int(c[0][6:]), c[1]))
-        cuda = any(r.get("cuda_peak_alloc") for r in plain)
+        cols = sorted({(r["arch"], r["K"]) for r in rs if r["method"] != "bp" or r["K"] > 1} or
+                      {(r["arch"], r["K"]) for r in rs}, key=lambda c: (int(c[0][6:]), c[1]))
+        cuda, flops = any(r.get("cuda_peak_alloc") for r in rs), any(r.get("flops_per_img") for r in rs)
         cell = {}
-        for r in plain:
-            for c in (cols if r["method"] == "bp" else [(r["arch"], r["K"])]):
+        for r in rs:   # plain BP (K = 1) fills every column of its arch
+            for c in (cols if run_label(r) == "bp" else [(r["arch"], r["K"])]):
                 if c[0] == r["arch"]:
-                    cell.setdefault((bench_label(r), c), {})["compiled" if r.get("compile") else "eager"] = r
-        labels = list(dict.fromkeys(["bp"] + [bench_label(r) for r in plain]))
+                    cell.setdefault((run_label(r), c), {})["compiled" if r.get("compile") else "eager"] = r
+        labels = list(dict.fromkeys(["bp"] + [run_label(r) for r in rs]))
         threads = sorted({r.get("threads") for r in rs})
-        per = ["modules", "act. MiB (vs BP)"] + (["CUDA peak MiB"] if cuda else []) + ["img/s eager (vs BP)",
-                                                                                    "img/s compiled"]
+        per = ["modules", "act. MiB (vs BP)"] + (["CUDA peak MiB"] if cuda else []) + \
+            (["GFLOP/img (vs BP)"] if flops else []) + ["img/s eager (vs BP)", "img/s compiled"]
         out += [f"### Speed and memory: `--bench`, batch {batch}{', --amp ' + amp if amp and amp != 'none' else ''} "
                 f"({dev}{', threads ' + ','.join(map(str, threads)) if 'cuda' not in str(dev).lower() else ''})", "",
                 "| method | " + " | ".join(f"{a} K={k}: {p}" if i == 0 else p for a, k in cols
@@ -3243,39 +3408,68 @@ def report_bench(rows):
                 if r is None:
                     cells += [""] * len(per)
                     continue
-                vs = lambda x, y: f" ({100 * (x / y - 1):+.0f} %)" if b and lab != "bp" else ""
+                vs = lambda x, y: f" ({100 * (x / y - 1):+.0f} %)" if b and lab != "bp" and x and y else ""
                 cells += ["1" if lab == "bp" else str(r["modules"]),
                           f"{r['act_peak_mib']:.1f}" + vs(r["act_peak_mib"], b["act_peak_mib"] if b else 1)]
                 if cuda:
                     cells.append(f"{r['cuda_peak_alloc'] / MiB:.0f}" if r.get("cuda_peak_alloc") else "")
+                if flops:
+                    f = r.get("flops_per_img")
+                    cells.append(f"{f / 1e9:.3f}" + vs(f, b.get("flops_per_img") if b else 1) if f else "")
                 cells += [f"{e['img_s']:.0f}" + vs(b["img_s"] if b else 1, e["img_s"]) if e else "",
                           "" if cp is None else f"{cp['img_s']:.0f}" if cp.get("compiled") else "(eager fallback)"]
             out.append(f"| {lab} | " + " | ".join(cells) + " |")
-        out += ["", "act. MiB = peak bytes autograd holds for backward (the activation meter); vs BP = relative to BP "
-                "of the same arch; img/s overhead = BP img/s / img/s - 1.", ""]
-        bal = [r for r in rs if r.get("balanced_memory") or (r["method"] == "bp" and r["arch"] == "resnet110")]
-        if any(r.get("balanced_memory") for r in bal):
-            bp = next((r for r in bal if r["method"] == "bp"), None)
-            mem = lambda r: r.get("cuda_peak_alloc") or r["act_peak_bytes"]
-            out += [f"### InfoPro* memory (its Table 3 setting: ResNet-110, batch {batch}; {dev})", "",
-                    "| method | K | peak memory GB | vs BP | paper |", "|---|---|---|---|---|"]
-            paper = {1: "9.40 GB", 2: "-42.8 %", 3: "-55.1 %", 4: "-62.6 %"}
-            for r in sorted(bal, key=lambda r: r["K"] if r["method"] != "bp" else 0):
-                vs = f"{100 * (mem(r) / mem(bp) - 1):+.1f} %" if bp and r is not bp else ""
-                out.append(f"| {'infopro*' if r['method'] != 'bp' else 'bp'} | {r['K']} | {mem(r) / 1e9:.2f} | {vs} | "
-                           f"{paper.get(r['K'] if r['method'] != 'bp' else 1, '')} |")
-            out += ["", "GB = 1e9 bytes: CUDA max_memory_allocated where measured, else the activation meter alone.",
-                    ""]
+        out += ["", "act. MiB = peak bytes autograd holds for backward (the activation meter); GFLOP/img = one "
+                "training step's FLOPs per image (torch's FlopCounterMode); vs BP = relative to BP of the same arch; "
+                "img/s overhead = BP img/s / img/s - 1.", ""]
+    return out
+
+
+# The papers' memory figures (GB on their GPUs) and savings against their E2E run, by (dataset, arch, batch per GPU,
+# method label): InfoPro's Table 3 (ResNet-110, one Titan Xp; its checkpointing row's segments are not given) and
+# Table 4 (ImageNet, per V100 at 128 of 1024); MAN's ImageNet claims (K = 4; secondary, from summaries of its paper).
+PAPER_MEMORY = {
+    ("cifar10", "resnet110", 1024): {"bp": 9.40, "bp checkpoint": 3.91, "infopro* K=2": 5.38, "infopro* K=3": 4.22,
+                                     "infopro* K=4": 3.52},
+    ("stl10", "resnet110", 128): {"bp": 10.77, "bp checkpoint": 4.50, "infopro* K=2": 6.15, "infopro* K=3": 4.96,
+                                  "infopro* K=4": 4.08},
+    ("imagenet", "resnet101", 128): {"bp": 19.71, "infopro K=2": 12.06, "infopro K=4": 10.37, "man+infopro K=4": 10.47},
+    ("imagenet", "resnet152", 128): {"bp": 26.29, "infopro K=2": 15.53, "infopro K=4": 13.48, "man+infopro K=4": 13.61},
+}
+
+
+def report_paper_memory(rows):
+    """Memory at the papers' batch and config (BENCH=1 MEMTABLE=1 run_all.sh) next to the papers' figures: the
+    activation peak + parameters, gradients and optimizer state on any device, CUDA max_memory_allocated where
+    measured, each with its saving against our BP; then the paper's figure and saving."""
+    out = []
+    for (ds, arch, batch), paper in PAPER_MEMORY.items():
+        rs = [r for r in rows if (r.get("dataset"), r["arch"], r["batch"]) == (ds, arch, batch)]
+        label = lambda r: run_label(r) + ("" if run_label(r) == "bp" else f" K={r['K']}")
+        got = {label(r): r for r in rs if label(r) in paper or label(r).startswith("bp checkpoint")}
+        if not got:
+            continue
+        total = lambda r: r["act_peak_bytes"] + r["param_bytes"] + r["grad_bytes"] + r["opt_state_bytes"]
+        bp = got.get("bp")
+        save = lambda x, y: f"{100 * (1 - x / y):.1f} %" if x and y else ""
+        out += [f"### Memory at the papers' setting: {ds}, {arch}, batch {batch} ({rs[0].get('device_name', '')})", "",
+                "| method | ours: act. + params/grads/state GB | saving | ours: CUDA peak GB | saving | paper GB | "
+                "paper saving |", "|---|---|---|---|---|---|---|"]
+        for lab, r in got.items():
+            ref = paper.get(lab.split(" K=")[0] if lab.startswith("bp checkpoint") else lab)
+            cu, bcu = r.get("cuda_peak_alloc"), bp.get("cuda_peak_alloc") if bp else None
+            ours = lab != "bp"
+            out.append(f"| {lab} | {total(r) / 1e9:.2f} | {save(total(r), total(bp)) if bp and ours else ''} | "
+                       f"{f'{cu / 1e9:.2f}' if cu else ''} | {save(cu, bcu) if ours else ''} | "
+                       f"{f'{ref:.2f}' if ref else ''} | {save(ref, paper['bp']) if ref and ours else ''} |")
+        out += ["", "GB = 1e9 bytes. The papers measured the least memory their GPUs needed (cuDNN benchmark on); "
+                "ours are peaks at the same batch and split.", ""]
     return out
 
 
 # ---- --report: Markdown tables from results files -------------------------------------------------------------
 
-def run_label(r):
-    return r["method"] + (f"+{r['base']}" if r.get("base") else "")
-
-
-def report(path, run_line=None):
+def report(path, run_line=None, plot_path=None):
     """Markdown tables from a results file: test error (mean +- std over seeds) per method x arch/K, peak memory
     and throughput against BP of the same arch, one run's per-module aux accuracies; and the bench tables."""
     try:
@@ -3287,39 +3481,83 @@ def report(path, run_line=None):
     benches = [r for _, r in lines if r.get("bench") and not r.get("pipeline") and r.get("world_size", 1) == 1]
     if not runs and not benches:
         raise UserError(f"--report {path}: no training runs or bench lines in the file")
-    out = report_bench(benches) if benches else []
+    paper = [r for r in benches if (r.get("dataset"), r["arch"], r["batch"]) in PAPER_MEMORY]
+    speed = [r for r in benches if r not in paper]
+    out = (report_bench(speed) if speed else []) + report_paper_memory(paper)
     order = list(dict.fromkeys(["bp", "greedy", "dgl", "predsim", "infopro", "auglocal"] +
                                sorted({run_label(r) for _, r in runs})))
     for ds in dict.fromkeys(r["dataset"] for _, r in runs):
         rs = [r for _, r in runs if r["dataset"] == ds]
-        cols = sorted({(r["arch"], r["K"]) for r in rs if r["method"] != "bp"} or {(r["arch"], 1) for r in rs},
+        cols = sorted({(r["arch"], r["K"]) for r in rs if run_label(r) != "bp"} or {(r["arch"], 1) for r in rs},
                       key=lambda c: (int(c[0][6:]), c[1]))
         groups = {}
         for r in rs:   # BP does not depend on K: its K=1 runs fill every column of their arch
-            for c in cols if r["method"] == "bp" else [(r["arch"], r["K"])]:
+            for c in cols if run_label(r) == "bp" else [(r["arch"], r["K"])]:
                 if c[0] == r["arch"]:
                     groups.setdefault((run_label(r), c), []).append(r)
         out += report_errors(ds, rs, cols, groups, order) + report_memory(ds, rs, cols, groups, order)
     out += report_modules(runs, run_line)
+    if plot_path:
+        out += ["", f"plot: {plot_path} ({', '.join(plot(runs, plot_path))})"]
     text = "\n".join(out)
     print(text)
     return text
 
 
+def plot(runs, path):
+    """--plot: the trade-off every one of these papers draws -- test error against activation memory and against
+    FLOPs per image, one labelled point per run -- and the per-module aux accuracy of the runs that have them.
+    Returns the labels plotted."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install matplotlib")
+    fig, (mem, flops, mods) = plt.subplots(1, 3, figsize=(18, 5.5))
+    labels = []
+    for _, r in runs:
+        lab = f"{run_label(r)} {r['arch']} K={r['K']}"
+        labels.append(lab)
+        err = 100 - r["final_acc"]
+        for ax, x in ((mem, r.get("act_peak_bytes")), (flops, r.get("flops_per_img"))):
+            if x:
+                x = x / MiB if ax is mem else x / 1e9
+                ax.scatter(x, err)
+                ax.annotate(lab, (x, err), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if r.get("module_acc"):
+            mods.plot(range(len(r["module_acc"])), [math.nan if a is None else a for a in r["module_acc"]],
+                      marker=".", label=lab)
+    for ax, xl in ((mem, "activation peak (MiB)"), (flops, "GFLOP per image, one training step")):
+        ax.set(xlabel=xl, ylabel="test error (%), final epoch")
+    mods.set(xlabel="local module", ylabel="aux accuracy on training batches (%)")
+    if mods.lines:
+        mods.legend(fontsize=6)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise UserError(f"--plot {path}: {first_line(e)}")
+    finally:
+        plt.close(fig)
+    return labels
+
+
 def report_errors(ds, rs, cols, groups, order):
-    """Test error (%) per method and arch/K: mean +- std over seeds of the final epoch."""
+    """Test error (%) per method and arch/K, mean +- std over seeds: of the final epoch, and (as every official
+    script reports) of the best epoch."""
     mean_std = lambda v: (sum(v) / len(v), (sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1)) ** 0.5
                           if len(v) > 1 else 0.0)
     epochs = sorted({r["epochs"] for r in rs})
-    out = [f"### {ds}: test error (%), mean ± std over seeds (final epoch; epochs {epochs})", "",
+    out = [f"### {ds}: test error (%), mean ± std over seeds: final epoch (best epoch) (epochs {epochs})", "",
            "| method | " + " | ".join(f"{a} K={k}" for a, k in cols) + " |", "|---|" + "---|" * len(cols)]
     for m in order:
         cells = []
         for c in cols:
             g = groups.get((m, c))
             if g:
-                mu, sd = mean_std([100 - r["final_acc"] for r in g])
-                cells.append(f"{mu:.2f} ± {sd:.2f} (n={len(g)})")
+                (mu, sd), (bmu, bsd) = (mean_std([100 - r[key] for r in g]) for key in ("final_acc", "best_acc"))
+                cells.append(f"{mu:.2f} ± {sd:.2f} (best {bmu:.2f} ± {bsd:.2f}; n={len(g)})")
             else:
                 cells.append("")
         if any(cells):
@@ -3337,7 +3575,7 @@ def report_memory(ds, rs, cols, groups, order):
     out = ["", f"### {ds}: peak memory and throughput (vs BP of the same arch)", "",
            "| method | arch | K | peak memory | saved vs BP | img/s | overhead vs BP |",
            "|---|---|---|---|---|---|---|"]
-    bp = {a: [r for r in rs if r["method"] == "bp" and r["arch"] == a] for a, _ in cols}
+    bp = {a: [r for r in rs if run_label(r) == "bp" and r["arch"] == a] for a, _ in cols}
     for m in order:
         for a, k in cols:
             g = groups.get((m, (a, k)))
@@ -3374,7 +3612,9 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         if args.report:
-            return report(args.report, args.report_run)
+            return report(args.report, args.report_run, args.plot)
+        if args.plot:
+            raise UserError("--plot draws a --report: add --report RESULTS")
         with one_voice():                                   # (section 9: under torchrun, rank 0 prints)
             return train(*resolve_config(args))
     except UserError as e:

@@ -109,7 +109,7 @@ def module_sizes_of(net):
 
 def toy_batch(x, y):
     """A batch whose inputs are already the [0,1] image (mean 0, std 1: what InfoPro's decoder reconstructs)."""
-    return toy_batch(x, y)
+    return L.Batch(x, y, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
 
 
 def main_error(argv, capsys):
@@ -639,7 +639,7 @@ def test_zero_weight_module_gets_zero_gradients_and_weight_decay():
 
 
 @pytest.mark.parametrize("argv", [("bp",), ("greedy",), ("dgl",), ("predsim",), ("infopro",), ("auglocal",),
-                                  ("man",), ("man", "--base", "dgl"), ("mlaan",), ("mlaan", "--base", "dgl"),
+                                  ("man",), ("man", "--base", "dgl"), ("mlaan", "--base", "infopro"), ("mlaan", "--base", "dgl"),
                                   ("mlaan", "--base", "greedy"), ("sgr", "--base", "dgl"), ("sgr", "--base", "man+infopro")])
 def test_every_method_learns_one_batch(argv):
     """A few SGD steps on one fixed batch lower the summed (local + final) losses: every method really trains."""
@@ -659,6 +659,52 @@ def test_every_method_learns_one_batch(argv):
         losses.append(float(s[0] + s[2:2 + K - 1].sum()))
         opt.step()
     assert losses[-1] < 0.9 * losses[0], losses
+
+# ------------------------------------------------------------------------------- BP with activation checkpointing
+
+def _bp_step(K, checkpoint, dtype=torch.float64):
+    """One BP step on fixed weights and a fixed batch: (gradients, BN buffers, activation peak)."""
+    torch.manual_seed(0)
+    net = L.LocalNet.resnet("resnet20", 10, L.split_ends("resnet20", K), 32)
+    m = L.attach(net, "bp", checkpoint=checkpoint or None)
+    net.to(dtype)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 3, 32, 32, generator=g).to(dtype), torch.randint(0, 10, (8,), generator=g)
+    with L.ActivationMeter([*net.parameters()]) as meter:
+        s = L.forward_backward(net, m, toy_batch(x, y))
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    return s, grads, {n: b.clone() for n, b in net.named_buffers()}, meter.peak
+
+
+def test_bp_checkpoint_gradients_equal_plain_bp():
+    """float64: BP with activation checkpointing at 4 modules gives plain BP's loss, gradients and BatchNorm
+    statistics (the recomputation does not update them again)."""
+    s1, g1, b1, peak1 = _bp_step(1, False)
+    s4, g4, b4, peak4 = _bp_step(4, True)
+    assert s4[0].item() == pytest.approx(s1[0].item(), rel=1e-12) and s4[1] == s1[1]
+    assert g1.keys() == g4.keys() and all(torch.allclose(g1[k], g4[k], rtol=1e-10, atol=1e-13) for k in g1)
+    assert all(torch.equal(b1[k], b4[k]) for k in b1)                 # running stats and counts: updated once
+    assert peak4 < 0.6 * peak1                                        # only the boundaries + one module are held
+
+
+def test_bp_checkpoint_through_the_api_and_flags(capsys):
+    net = torchvision_resnet18(4)
+    m = L.attach(net, "bp", checkpoint=True)
+    x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
+    s = L.forward_backward(net, m, L.Batch(x, y))
+    assert torch.isfinite(s[0]) and all(p.grad is not None for p in net.parameters())
+    code, err = main_error(["--method", "bp", "--K", "4", "--print-splits"], capsys)
+    assert code == 2 and "end to end" in err and "--checkpoint" in err
+    code, err = main_error(["--method", "dgl", "--checkpoint", "--print-splits"], capsys)
+    assert code == 2 and "--checkpoint does not apply to dgl" in err
+    r = L.main(["--method", "bp", "--checkpoint", "--K", "4", "--arch", "resnet20", "--bench", "1", "--batch-size", "8",
+                "--mem-iters", "1"])
+    plain = L.main(["--method", "bp", "--arch", "resnet20", "--bench", "1", "--batch-size", "8", "--mem-iters", "1"])
+    assert r["modules"] == 4 and r["options"] == {"checkpoint": True}
+    assert r["act_peak_bytes"] < plain["act_peak_bytes"] and r["flops_per_img"] > plain["flops_per_img"]
+    with pytest.raises(L.UserError, match="BP's backward runs through every module"):
+        L.check_pipeline(L.attach(L.LocalNet.resnet("resnet20", 10, 4, 32), "bp", checkpoint=True), 2)
+
 
 
 # ----------------------------------------------------------------------------- schedule, determinism, checkpoints
@@ -1008,6 +1054,37 @@ def test_distributed_bad_launches_are_one_line(capsys):
     code, err = main_error(["--pipeline", "--print-splits"], capsys)
     assert code == 2 and "torchrun" in err and "\n" not in err
 
+def _printed_config(argv, capsys):
+    L.main([*argv, "--print-config"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("config: ") and out[1].startswith("defaults: ")
+    return json.loads(out[-1]), out
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (("--method", "infopro"), dict(epochs=160, batch_size=1024, lr=0.8, warmup_epochs=10, base=None)),
+    (("--method", "dgl"), dict(epochs=160, pyramid=None)),
+    (("--method", "man"), dict(epochs=400, base="infopro", aux_config="2c2f", local_loss="cross_entropy")),
+    (("--method", "mlaan"), dict(epochs=400, base="greedy", mlaan_depth=2)),   # the official train.py's model
+    (("--method", "auglocal"), dict(epochs=400, pyramid=0.5, aux_depth=3)),
+    (("--method", "dgl", "--protocol", "auglocal"), dict(epochs=400)),      # (no pyramid to set)
+    (("--method", "sgr", "--base", "auglocal", "--protocol", "auglocal"), dict(epochs=400, pyramid=0.5)),
+    (("--method", "auglocal", "--pyramid", "0", "--epochs", "7"), dict(epochs=7, pyramid=0.0)),
+    (("--method", "man", "--dataset", "stl10"), dict(epochs=400, batch_size=128, lr=0.1)),
+    (("--method", "dgl", "--dataset", "imagenet", "--protocol", "man"), dict(epochs=90, batch_size=128, lr=0.05)),
+])
+def test_each_paper_protocol_is_the_default(argv, expected, capsys):
+    values, out = _printed_config(argv, capsys)
+    assert {k: values.get(k) for k in expected} == expected, values
+    if "--epochs" not in argv:
+        assert values["sources"]["epochs"].endswith("protocol") and "epochs=" in out[1]
+
+
+def test_print_config_reads_no_data(tmp_path, capsys):
+    values, _ = _printed_config(["--method", "infopro", "--data-dir", str(tmp_path / "none"), "--no-download"], capsys)
+    assert values["lambdas"] == [5, 0.05, 0.2, 0.5] and values["modules"] == 16 and "published" in values["lambdas_source"]
+
+
 
 # ------------------------------------------------------------------------------------------- Greedy and DGL heads
 
@@ -1348,7 +1425,7 @@ def test_mlaan_parameter_counts(base, arch, K, modules, total):
 
 
 def test_mlaan_leap_chains_heads_and_weights():
-    net, m = build_cli("--method", "mlaan")
+    net, m = build_cli("--method", "mlaan", "--base", "infopro")
     assert m.depth == 3 and m.first == 2 and sorted(map(int, m.aug)) == list(range(2, 14))
     name = lambda units: [net.unit_name(u) for u in units]
     assert name(m.chain_units[2]) == ["L2.0", "L3.0", "L3.3", "L3.4"]
@@ -1400,7 +1477,7 @@ def test_mlaan_ema_updates_and_gradient_window(mode):
 
 
 def test_mlaan_contrast_cascade_uses_supcon():
-    net, m = build_cli("--method", "mlaan", "--local-loss", "contrast", "--K", "8")
+    net, m = build_cli("--method", "mlaan", "--base", "infopro", "--local-loss", "contrast", "--K", "8")
     assert n_params(m.cascade.aux[2]["head"]) == 61_824                   # 1c2f contrast head on 64 channels
     x = torch.randn(4, 3, 32, 32)
     batch, h = L.Batch(x, torch.tensor([0, 0, 1, 1]), torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)), x
@@ -1434,10 +1511,10 @@ def test_mlaan_dgl_head_pools_to_8x8_first():
 def test_mlaan_infopro_copies_trained_by_default_frozen_on_request():
     torch.manual_seed(0)
     x, y = torch.randn(4, 3, 32, 32), torch.arange(4) % 10
-    net, m = build_cli("--method", "mlaan", "--K", "8")
+    net, m = build_cli("--method", "mlaan", "--base", "infopro", "--K", "8")
     _one_step(net, m, x, y)
     assert all(p.requires_grad and p.grad is not None for k in m.ema for p in m.ema[k].parameters())
-    net, m = build_cli("--method", "mlaan", "--K", "8", "--mlaan-copies", "frozen")
+    net, m = build_cli("--method", "mlaan", "--base", "infopro", "--K", "8", "--mlaan-copies", "frozen")
     _one_step(net, m, x, y)
     assert all(p.grad is None for k in m.ema for p in m.ema[k].parameters())
     _, g = build_cli("--method", "mlaan", "--base", "greedy", "--K", "8")
@@ -1496,7 +1573,7 @@ def test_imagenet_aux_nets_protocols_and_weights():
     assert protocol("--method", "dgl", *im) == (256, 0.1, 90, 0)
     assert L.lr_at(1, 0.4, 90, 0, "imagenet") == 0.4                # counted from epoch 0, no warm-up
     with pytest.raises(L.UserError, match="greedy"):
-        build_cli("--method", "mlaan", "--dataset", "imagenet", "--arch", "resnet34", "--K", "16")
+        build_cli("--method", "mlaan", "--base", "infopro", "--dataset", "imagenet", "--arch", "resnet34", "--K", "16")
 
 
 @pytest.fixture(scope="session")
@@ -1545,9 +1622,9 @@ def test_report_renders_papers_layout(tmp_path, capsys):
     text = L.main(["--report", str(path)])
     lines = text.splitlines()
     assert "| method | resnet32 K=16 |" in lines
-    assert "| bp | 7.50 ± 0.71 (n=2) |" in lines                       # BP's K=1 runs fill the K=16 column
-    assert "| dgl | 14.00 ± 1.41 (n=2) |" in lines
-    assert "| man+dgl | 10.00 ± 0.00 (n=1) |" in lines
+    assert "| bp | 7.50 ± 0.71 (best 7.50 ± 0.71; n=2) |" in lines     # BP's K=1 runs fill the K=16 column
+    assert "| dgl | 14.00 ± 1.41 (best 14.00 ± 1.41; n=2) |" in lines
+    assert "| man+dgl | 10.00 ± 0.00 (best 10.00 ± 0.00; n=1) |" in lines
     assert "| bp | resnet32 | 1 | 0.400 GB |  | 200 |  |" in lines
     assert "| dgl | resnet32 | 16 | 0.100 GB | 75.0 % | 100 | +100.0 % |" in lines
     assert "| man+dgl | resnet32 | 16 | 0.200 GB | 50.0 % | 50 | +300.0 % |" in lines
@@ -1602,6 +1679,43 @@ def test_run_all_bench_grid(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "b.jsonl").read_text().splitlines()]
     assert [(x["method"], x["K"], x["bench"]) for x in rows] == [("bp", 1, True), ("dgl", 4, True)]
     assert any(l.startswith("| dgl | 4 | ") for l in r.stdout.splitlines())
+
+def test_report_memory_at_the_papers_settings(tmp_path):
+    row = lambda method, K, act, **kw: dict(_bench_row(method, K, 0.0, act / 2 ** 20), dataset="cifar10",
+                                             arch="resnet110", batch=1024, act_peak_bytes=act, param_bytes=0,
+                                             grad_bytes=0, opt_state_bytes=0, **kw)
+    rows = [row("bp", 1, 8e9), row("bp", 4, 3e9, options={"checkpoint": True}),
+            row("infopro", 2, 4e9, balanced_memory=True), dict(row("dgl", 16, 1e9), batch=128)]
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    lines = L.main(["--report", str(path)]).splitlines()
+    assert any(l.startswith("### Memory at the papers' setting: cifar10, resnet110, batch 1024") for l in lines)
+    assert "| bp | 8.00 |  |  |  | 9.40 |  |" in lines
+    assert "| bp checkpoint K=4 | 3.00 | 62.5 % |  |  | 3.91 | 58.4 % |" in lines
+    assert "| infopro* K=2 | 4.00 | 50.0 % |  |  | 5.38 | 42.8 % |" in lines
+    assert any(l.startswith("| dgl | 16 | ") for l in lines)          # (the batch-128 row: the speed table's)
+
+
+def test_report_plot_shows_every_run(tmp_path, capsys):
+    rows = [dict(_result("bp", 0, 93.0, K=1, act=4e8), flops_per_img=2e9),
+            dict(_result("dgl", 0, 85.0, act=1e8), flops_per_img=2.2e9),
+            dict(_result("bp", 0, 93.0, K=4, act=2e8), options={"checkpoint": True}, flops_per_img=2.6e9)]
+    path, png = tmp_path / "r.jsonl", tmp_path / "p.png"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    text = L.main(["--report", str(path), "--plot", str(png)])
+    assert png.stat().st_size > 20_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "bp resnet32 K=1, dgl resnet32 K=16, bp checkpoint resnet32 K=4" in text
+    code, err = main_error(["--plot", str(png)], capsys)
+    assert code == 2 and "--report" in err
+
+
+def test_plot_without_matplotlib_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(_result("bp", 0, 93.0, K=1)) + "\n")
+    code, err = main_error(["--report", str(path), "--plot", str(tmp_path / "p.png")], capsys)
+    assert code == 2 and err == "error: --plot needs matplotlib: pip install matplotlib"
+
 
 
 # -------------------------------------------------------------------------------------------------- data parallel
@@ -1879,7 +1993,7 @@ def test_pipeline_refuses_what_it_does_not_support(argv, message):
     args, spec, opts = L.resolve_config(L.parse_args(list(argv) + ["--pipeline"]))
     net, m = L.build(args, spec, opts)
     with pytest.raises(L.UserError, match=message):
-        L.check_pipeline(m.opts.chain, net.K, 3, args.stages, args.sync_bn, args.amp)
+        L.check_pipeline(m, 3, args.stages, args.sync_bn, args.amp)
 
 
 def test_pipeline_refusal_is_one_line_under_torchrun(cifar_dir):
