@@ -68,6 +68,8 @@ import pickle
 import signal
 import socket
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -183,7 +185,10 @@ def _how_to_train(a):
 
 
 def _where_to_write(a):
-    a("--save", default=None, help="checkpoint path, written atomically after every epoch")
+    a("--save", default=None, help="checkpoint path, written atomically after every epoch (and on SIGTERM, SIGINT "
+      "or SIGUSR1, which stop the run after the current step)")
+    a("--save-every", type=int, default=0, metavar="N",
+      help="also save every N training steps (0: at epoch ends only); --resume continues from the exact step")
     a("--resume", default=None, help="checkpoint to resume from (same command line otherwise)")
     a("--out", default=None, help="append the final JSON line to this file (e.g. results.jsonl)")
     a("--report", default=None, metavar="RESULTS",
@@ -213,29 +218,94 @@ PROTOCOLS = {
 
 def protocol_defaults(args, spec, chain):
     """Fill batch, lr, epochs, warm-up and the protocol's method options (AugLocal's pyramid) that were not given:
-    from the protocol of the paper the run reproduces (--protocol, else the method's own), else the dataset's.
-    Returns {flag: where its default came from}."""
-    if spec.schedule == "imagenet":   # (the outermost method of the chain that has an ImageNet protocol)
+    from the protocol of the paper the run reproduces (--protocol, else the method's own), else the dataset's. The
+    default lr follows the batch linearly from the protocol's (lr0 * B / B0). Returns {flag: where it came from}."""
+    imagenet = spec.schedule == "imagenet"
+    if imagenet:   # (the outermost method of the chain that has an ImageNet protocol)
         owner = args.protocol or next((n for n in chain if METHODS[n].imagenet_protocol), None)
         proto = dict(METHODS[owner].imagenet_protocol or {}) if owner else {}
     else:
         owner = args.protocol or METHODS[args.method].protocol
         proto = {k: v for k, v in PROTOCOLS[owner].items() if k != "pyramid" or "auglocal" in chain}
-    dataset = dict(batch_size=spec.batch, lr=spec.lr, epochs=spec.epochs,
-                   warmup_epochs=10 if spec.schedule == "cifar" else 0)
+    base = {**dict(batch_size=spec.batch, lr=spec.lr, epochs=spec.epochs, warmup_epochs=0 if imagenet else 10), **proto}
+    where = lambda key: ((f"{owner}'s ImageNet protocol" if imagenet else f"{owner} protocol") if key in proto else
+                         "ImageNet defaults" if imagenet else f"{spec.name} defaults of the InfoPro protocol")
     sources = {}
-    for key in ("batch_size", "lr", "epochs", "warmup_epochs", "pyramid"):
-        if getattr(args, key) is None and (key in proto or key in dataset):
-            setattr(args, key, proto.get(key, dataset.get(key)))
-            imagenet = spec.schedule == "imagenet"
-            sources[key] = (f"{owner}'s ImageNet protocol" if imagenet else f"{owner} protocol") if key in proto else \
-                "ImageNet defaults" if imagenet else f"{spec.name} defaults of the InfoPro protocol"
+    for key in ("batch_size", "epochs", "warmup_epochs", "pyramid"):
+        if getattr(args, key) is None and key in base:
+            setattr(args, key, base[key])
+            sources[key] = where(key)
+    if args.lr is None and isinstance(args.batch_size, int):
+        args.lr = base["lr"] * args.batch_size / base["batch_size"]
+        scaled = args.batch_size != base["batch_size"]
+        sources["lr"] = where("lr") + (f": {base['lr']:g} at batch {base['batch_size']} x {args.batch_size}/"
+                                       f"{base['batch_size']}" if scaled else "")
     return sources
+
+
+def check_values(args):
+    """Every numeric flag in its range, and finite (--lr nan would fail only after an epoch)."""
+    least = dict(batch_size=2, epochs=1, bench=0, subset=0, test_subset=0, mem_iters=0, lr=0, wd=0, warmup_epochs=0,
+                 workers=0, log_secs=0, save_every=0, K=1)
+    for name, lo in least.items():   # (batch >= 2: train-mode BatchNorm needs two samples)
+        value = getattr(args, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        if value < lo:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {lo}, got {value}")
+    if args.subset == 1:
+        raise UserError("--subset needs at least 2 images")
+
+
+def check_paths(args):
+    """Before any work: --save and --out are files in existing, writable folders; --resume is a readable file;
+    --data-dir, where it exists, is a folder. (A run that cannot record its result must not train.)"""
+    for flag, path in (("--save", args.save), ("--out", args.out)):
+        if not path:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise UserError(f"{flag} {path}: folder {folder} does not exist")
+        if os.path.isdir(path) or (os.path.exists(path) and not os.path.isfile(path)):
+            raise UserError(f"{flag} {path}: not a regular file (give the path of a file to write)")
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+            if os.path.exists(path) and not os.access(path, os.W_OK):
+                raise PermissionError("the file is read-only")
+        except OSError as e:
+            raise UserError(f"{flag} {path}: cannot write there ({type(e).__name__}: {first_line(e)})")
+    if args.resume and not os.path.isfile(args.resume):
+        raise UserError(f"--resume {args.resume}: no such file")
+    if args.resume and not os.access(args.resume, os.R_OK):
+        raise UserError(f"--resume {args.resume}: not readable")
+    if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        raise UserError(f"--data-dir {args.data_dir}: not a folder")
+
+
+def check_schedule(args, spec):
+    """Refuse a schedule whose every epoch is at lr 0; warn (returns the lines) about one that trains epochs other
+    than the originals' last at lr 0, or never comes near the lr asked for, and say how to change it."""
+    E, W = args.epochs, args.warmup_epochs
+    lrs = [lr_at(e, args.lr, E, W, spec.schedule) for e in range(1, E + 1)]
+    if args.bench or args.lr == 0:
+        return []
+    if not any(lrs):
+        raise UserError(f"--epochs {E} --warmup-epochs {W}: every epoch trains at lr 0 (the cosine schedule ends at 0 "
+                        f"in the last epoch); train more epochs")
+    zero, out = [e for e, lr in enumerate(lrs[:-1], 1) if lr == 0], []
+    if zero:
+        out.append(f"warning: epochs {zero} train at lr 0; more --epochs or fewer --warmup-epochs avoid it")
+    if max(lrs) < 0.5 * args.lr:
+        out.append(f"warning: the schedule never exceeds lr {max(lrs):.3g} of the --lr {args.lr:g} asked for "
+                   f"({E} epochs with a {W}-epoch warm-up); use --warmup-epochs {max(0, E // 4)} or more --epochs")
+    return out
 
 
 def resolve_config(args):
     """Decide every default that depends on the dataset, the paper's protocol or the method chain, and check every
-    value, before anything is built. Fills `args` in place; returns (args, the DataSpec, the method options)."""
+    value and path, before anything is built. Fills `args` in place (with `sources`, where each default came from,
+    and `warnings`); returns (args, the DataSpec, the method options)."""
     if args.dataset == "folder":
         spec, args.norm = folder_spec(args.data_dir, args.norm)
     else:
@@ -246,21 +316,15 @@ def resolve_config(args):
     args.base = "+".join(chain[1:]) or None
     args.K = METHODS[args.method].default_K if args.K is None else args.K
     args.sources = protocol_defaults(args, spec, chain)
-    least = dict(batch_size=2, epochs=1, bench=0, subset=0, test_subset=0, mem_iters=0, lr=0, wd=0, warmup_epochs=0)
-    for name, lo in least.items():   # (batch >= 2: train-mode BatchNorm needs two samples)
-        if getattr(args, name) < lo:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
-    if args.subset == 1:
-        raise UserError("--subset needs at least 2 images")
-    for flag, path in (("--save", args.save), ("--out", args.out)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise UserError(f"{flag} {path}: folder {os.path.dirname(os.path.abspath(path))} does not exist")
-    if args.resume and not os.path.isfile(args.resume):
-        raise UserError(f"--resume {args.resume}: no such file")
+    check_values(args)
+    check_paths(args)
     if args.stages and not args.pipeline:
         raise UserError("--stages sets the cut of --pipeline; add --pipeline (under torchrun)")
     if args.bench and (args.save or args.resume):
         raise UserError("--bench trains on synthetic data and saves nothing: drop --save/--resume")
+    if args.save_every and not args.save:
+        raise UserError("--save-every N saves to --save PATH: add --save")
+    args.warnings = check_schedule(args, spec)
     opts = method_options(chain, {name: getattr(args, name) for name in option_flags()}, dataset=spec.name,
                           arch=args.arch, K=args.K, balanced_memory=args.balanced_memory, amp=args.amp,
                           sync_bn=args.sync_bn)
@@ -460,9 +524,11 @@ def _image_folders(root):
             raise UserError(f"missing folder {d}: expected an ImageFolder tree {root}/train/<class>/*.png|jpg and "
                             f"{root}/val/<class>/*; put the images there or point --data-dir at them")
     import torchvision.datasets as tvd
+    # Image files only, and regular ones: a FIFO or a device named *.png would block the loader for ever.
+    image = lambda p: p.lower().endswith(tvd.folder.IMG_EXTENSIONS) and os.path.isfile(p)
     try:
-        train = tvd.ImageFolder(dirs[0], loader=load_image)
-        val = tvd.ImageFolder(dirs[1], loader=load_image)
+        train = tvd.ImageFolder(dirs[0], loader=load_image, is_valid_file=image)
+        val = tvd.ImageFolder(dirs[1], loader=load_image, is_valid_file=image)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"{root}: {first_line(e)}")
     # Val labels follow the train folder's class order, whatever classes val happens to contain.
@@ -479,6 +545,8 @@ def folder_spec(root, norm):
     train, _ = _image_folders(root)
     if not train.samples:
         raise UserError(f"{root}/train has no images")
+    if len(train.classes) < 2:
+        raise UserError(f"{root}/train has one class ({train.classes[0]}): a classifier needs at least two")
     size = max(load_image(train.samples[0][0]).size)
     norm = norm or ("cifar10" if size <= 32 else "half" if size <= 96 else "imagenet")
     large = size > 96
@@ -528,7 +596,8 @@ def norm_tensors(spec, device):
 class DeviceLoader:
     """Batches from a uint8 image tensor living on the training device. A training loader (`gen` given: a
     torch.Generator on that device, saved in checkpoints so a resumed run sees the same batches) shuffles with a
-    device randperm and augments; without `gen` the images come in order, as they are."""
+    device randperm and augments; without `gen` the images come in order, as they are. An epoch is `new_order()`
+    then `epoch(order)`; a run resumed in the middle of an epoch continues with `epoch(order, start)`."""
     least = 2   # train-mode BatchNorm cannot normalise a batch of one: a smaller last batch is dropped
 
     def __init__(self, images, labels, spec, batch_size, gen=None, channels_last=False):
@@ -540,9 +609,18 @@ class DeviceLoader:
         return math.ceil(len(self.labels) / self.batch_size)
 
     def __iter__(self):
-        n, dev, train = len(self.labels), self.images.device, self.gen is not None
-        order = torch.randperm(n, device=dev, generator=self.gen) if train else torch.arange(n, device=dev)
-        for i in range(0, n, self.batch_size):
+        return self.epoch(self.new_order())
+
+    def new_order(self):
+        n, dev = len(self.labels), self.images.device
+        if self.gen is None:
+            return torch.arange(n, device=dev)
+        return torch.randperm(n, device=dev, generator=self.gen)
+
+    def epoch(self, order, start=0):
+        """The epoch's batches of the images in `order`, from batch `start` on."""
+        order, train = order.to(self.images.device), self.gen is not None
+        for i in range(start * self.batch_size, len(order), self.batch_size):
             idx = order[i:i + self.batch_size]
             if train and len(idx) < self.least:
                 break
@@ -556,25 +634,26 @@ class DeviceLoader:
 
 
 class GlobalBatches(torch.utils.data.Sampler):
-    """The index lists of an epoch's batches (shuffled by `gen`, the last partial one dropped when shuffling, as
-    the originals' training DataLoader; in order and all kept without `gen`)."""
+    """The index lists of an epoch's batches in `order`, from batch `start` on (the last partial one dropped for
+    training, as the originals' DataLoader(shuffle=True, drop_last=True); all kept in evaluation order)."""
 
-    def __init__(self, n, batch_size, gen=None):
-        self.n, self.batch_size, self.gen = n, batch_size, gen
+    def __init__(self, n, batch_size, drop_last):
+        self.n, self.batch_size, self.drop_last = n, batch_size, drop_last
+        self.order, self.start = torch.arange(n), 0
 
     def __len__(self):
-        return self.n // self.batch_size if self.gen is not None else math.ceil(self.n / self.batch_size)
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
 
     def __iter__(self):
-        order = torch.randperm(self.n, generator=self.gen) if self.gen is not None else torch.arange(self.n)
-        for i in range(len(self)):
-            yield order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
+        for i in range(self.start, len(self)):
+            yield self.order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
 
 
 class HostLoader:
     """ImageNet-sized images: a torchvision DataLoader (workers decode JPEGs), moved to the device per batch. A
     training loader (`gen` given, a CPU generator) shuffles and augments: RandomResizedCrop 224 + flip; else
-    Resize 256 + CenterCrop 224. `batches` yields each batch's indices (data parallelism shards them, section 9)."""
+    Resize 256 + CenterCrop 224. `batches` yields each batch's indices (data parallelism shards them, section 9).
+    (A resumed epoch continues with the same images; the workers' random crops are drawn anew.)"""
 
     def __init__(self, ds, spec, batch_size, workers, gen, device, channels_last=False):
         import torchvision.transforms as T
@@ -586,12 +665,21 @@ class HostLoader:
         self.ds, self.spec, self.labels, self.batch_size, self.workers, self.gen = ds, spec, ds.targets, batch_size, \
             workers, gen
         self.device, self.channels_last = device, channels_last
-        self.batches, self.dl = GlobalBatches(len(ds), batch_size, gen), None
+        self.batches, self.dl = GlobalBatches(len(ds), batch_size, drop_last=gen is not None), None
 
     def __len__(self):
         return len(self.batches)
 
     def __iter__(self):
+        return self.epoch(self.new_order())
+
+    def new_order(self):
+        n = len(self.labels)
+        return torch.randperm(n, generator=self.gen) if self.gen is not None else torch.arange(n)
+
+    def epoch(self, order, start=0):
+        base = getattr(self.batches, "batches", self.batches)    # (under section 9's sharding)
+        base.order, base.start = order.cpu(), start
         if self.dl is None:   # built at the first epoch, after section 9 may have sharded the batches
             self.dl = torch.utils.data.DataLoader(self.ds, batch_sampler=self.batches, num_workers=self.workers,
                                                   pin_memory=self.device.type == "cuda",
@@ -624,6 +712,11 @@ def load_data(args, spec, device, gen, channels_last=False):
     else:
         train, test = load_torchvision(spec.name, args.data_dir, not args.no_download)
     (xtr, ytr), (xte, yte) = train, test
+    for y, split in ((ytr, "training"), (yte, "test")):
+        if len(y) and (y.min() < 0 or y.max() >= spec.classes):
+            bad = sorted({int(v) for v in y if not 0 <= v < spec.classes})[:5]
+            raise UserError(f"{spec.name} in {args.data_dir}: {split} labels {bad} outside 0..{spec.classes - 1}; the "
+                            f"files are corrupt or of another dataset")
     pick = lambda n, k: np.random.default_rng(0).permutation(n)[:k] if spec.name == "folder" else np.arange(min(n, k))
     if args.test_subset:   # (ImageFolder lists images class by class: folders take a fixed shuffle first)
         keep = pick(len(yte), args.test_subset)
@@ -1254,6 +1347,8 @@ class Opt:
 
     def check(self, name, value):
         flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{flag} must be a finite number, got {value}")
         if value is not None and self.lo is not None and value < self.lo:
             raise UserError(f"{flag} must be >= {self.lo}, got {value}")
         if value is not None and self.positive and value <= 0:
@@ -2457,7 +2552,7 @@ class Trainer:
     """A run on one device: every batch, the whole model, one optimizer -- what the one training loop (`fit`,
     section 10) asks of a run. Section 9's data-parallel and pipelined runs are subclasses that change what
     differs: which batches and parameters a process owns, and how the processes combine their numbers."""
-    world = 1                     # processes in the run
+    world, rank = 1, 0            # processes in the run, and this one's index
     writes = True                 # this process writes --out and --save (of several processes, one does)
     note = ""                     # appended to progress lines
 
@@ -2484,16 +2579,23 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         return time.time()
 
-    def train_epoch(self, opt, epoch, epochs, untimed=0, last=False):
-        """One epoch; its first `untimed` steps are not timed (--bench's warm-up). Statistics are summed on the
-        device: host syncs happen only at progress lines and at the end. Returns the row's training columns."""
+    def train_epoch(self, opt, epoch, epochs, untimed=0, last=False, guard=None):
+        """One epoch -- or its rest, when `guard` resumes one from a checkpoint taken in its middle. Its first
+        `untimed` steps are not timed (--bench's warm-up). Statistics are summed on the device: host syncs happen
+        only at progress lines, checkpoints and the end. Returns the row's training columns."""
         self.net.train()
         self.method.train()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        meter, stats, seen, steps, n_iters = ActivationMeter(self.params), None, 0, 0, len(self.train_loader)
+        meter, n_iters = ActivationMeter(self.params), len(self.train_loader)
+        saved = guard.resumed(epoch, self.rank) if guard is not None else None   # (a mid-epoch checkpoint's)
+        order = saved["order"] if saved else self.train_loader.new_order()
+        stats = saved["stats"].to(self.device) if saved else None
+        start, seen, steps, done = (saved["step"], saved["seen"], saved["steps"], saved["secs"]) if saved else \
+            (0, 0, 0, 0)
+        meter.peak = saved["peak"] if saved else 0
         t0 = t_timed = last_log = self.clock()
-        for it, (x, y) in enumerate(self.train_loader):
+        for it, (x, y) in enumerate(self.train_loader.epoch(order, start), start):
             if it == untimed and it:
                 t_timed = self.clock()
             s = train_step(self.net, self.method, opt, Batch(x, y, *self.norm), self.step,
@@ -2505,10 +2607,13 @@ class Trainer:
                 last_log = time.time()
                 loss = stats[0].item() / seen
                 check_finite(loss, epoch, it)
-                rate, eta = seen / (last_log - t0), (n_iters - it - 1) * (last_log - t0) / (it + 1)
+                rate, eta = seen / (last_log - t0), (n_iters - it - 1) * (last_log - t0) / (it + 1 - start)
                 print(f"  epoch {epoch}/{epochs} iter {it + 1}/{n_iters}  loss {loss:.4f}  {rate:.0f} img/s  "
                       f"eta {eta:.0f}s{self.note}", flush=True)
-        secs = self.clock() - t_timed
+            if guard is not None:   # --save-every checkpoints, and a clean stop at SIGTERM/SIGINT/SIGUSR1
+                mine = dict(stats=stats.cpu(), seen=seen, steps=steps, peak=meter.peak, secs=done + time.time() - t0)
+                guard.after_step(self, opt, dict(epoch=epoch, step=it + 1, of=n_iters, order=order.cpu()), mine)
+        secs = self.clock() - t_timed + done
         if stats is None:
             raise UserError("no training batch: the training set is smaller than 2 images per process")
         stats, seen = self.gather(stats, seen)
@@ -2519,6 +2624,14 @@ class Trainer:
                     cuda_peak_alloc=torch.cuda.max_memory_allocated(self.device) if cuda else None,
                     cuda_peak_reserved=torch.cuda.max_memory_reserved(self.device) if cuda else None,
                     img_s=seen / secs, sec=secs, seen=seen, untimed_s=t_timed - t0)
+
+    def agree(self, signum):
+        """The signal this run stops at after this step (several processes: all of them, at the same step)."""
+        return signum
+
+    def per_process(self, mine):
+        """A process's epoch accumulators, gathered from every process of the run (for a mid-epoch checkpoint)."""
+        return [mine]
 
     def gather(self, stats, seen):
         """The epoch's summed statistics over the run's processes (one process: as they are)."""
@@ -2543,8 +2656,8 @@ class Trainer:
         torch.set_rng_state(ck["cpu_rng"])
 
     def save(self, path, meta, opt):
-        if self.writes:
-            atomic_save({**self.state(opt), **meta}, path)
+        """Write the checkpoint (one process of several writes it); whether it was written."""
+        return atomic_save({**self.state(opt), **meta}, path) if self.writes else True
 
     header = f"{'act MiB':>8} {'cuda MiB':>8} {'img/s':>7} {'sec':>6}  aux acc% per module"
 
@@ -2716,8 +2829,14 @@ class Shards:
         return len(self.loader)
 
     def __iter__(self):
+        return self.epoch(self.new_order())
+
+    def new_order(self):
+        return self.loader.new_order()
+
+    def epoch(self, order, start=0):
         n, bs = len(self.labels), self.loader.batch_size
-        for it, (x, y) in enumerate(self.loader):
+        for it, (x, y) in enumerate(self.loader.epoch(order, start), start):
             N = min(bs, n - it * bs)                        # the global batch
             if not isinstance(self.loader, HostLoader):
                 part = shard(N, self.rank, self.world)
@@ -2802,6 +2921,16 @@ class DataParallel(Trainer):
 
     def gather(self, stats, seen):
         return self.sum(stats), int(self.sum(seen).item())
+
+    def agree(self, signum):
+        t = torch.tensor(float(signum or 0), device=self.device)   # (one number per step; any rank's signal)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item()) or None
+
+    def per_process(self, mine):
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, mine)
+        return everyone
 
     def clock(self):
         super().clock()
@@ -2968,7 +3097,7 @@ class Pipeline(Trainer):
         # MAN: this stage's boundary EMA reads the next stage's first unit; the previous stage reads ours.
         self.fetches = not self.last and self.modules[-1] < len(method.tracked)
         self.sends_back = not self.first and lo - 1 < len(method.tracked)
-        self.fresh, self.weight_send, self.sends, self.waited = True, None, [], 0.0
+        self.fresh, self.weight_send, self.sends, self.waited, self.guard, self.stop = True, None, [], 0.0, None, None
         self.step = replace(step, after_module=self._fetch_weights)
         self.train_loader, self.test_loader = data() if self.first else (None, None)
         box = [None]
@@ -2995,8 +3124,9 @@ class Pipeline(Trainer):
         self.waited += time.time() - t
 
     def _receive(self, B):
-        """Start receiving a batch (x, y, h, then a flag and a tensor per carried state) from the previous stage."""
-        shapes = [(B, *self.net.input_shape), (B,), (B, *self.h_shape)] + [(1,), (B, *self.h_shape)] * len(
+        """Start receiving a batch from the previous stage: x, y, h, whether the run stops after it, then a flag and
+        a tensor per carried state."""
+        shapes = [(B, *self.net.input_shape), (B,), (B, *self.h_shape), (1,)] + [(1,), (B, *self.h_shape)] * len(
             self.method.carried)
         bufs = [torch.empty(s, dtype=torch.long if i == 1 else torch.float32, device=self.device)
                 for i, s in enumerate(shapes)]
@@ -3029,75 +3159,100 @@ class Pipeline(Trainer):
         flat = torch._utils._flatten_dense_tensors([p.detach() for p in unit.parameters()])
         self.weight_send = (dist.isend(flat, self.rank - 1, tag=2), flat)
 
-    def _batches(self):
-        """(x, y, h, carried state) of each training batch: loaded (rank 0) or received, the next one's receive
-        posted while this one computes."""
+    def _batches(self, order, start):
+        """(x, y, h, the signal the run stops at after it, carried state) of each training batch from `start` on:
+        loaded (rank 0, which decides when to stop) or received, the next one's receive posted while this one
+        computes."""
         if self.first:
-            for x, y in self.train_loader:
-                yield x, y, x, [None] * len(self.method.carried)
+            for x, y in self.train_loader.epoch(order, start):
+                yield x, y, x, self.guard.signal if self.guard else None, [None] * len(self.method.carried)
             return
-        nxt = self._receive(self.train_sizes[0])
-        for i in range(len(self.train_sizes)):
+        nxt = self._receive(self.train_sizes[start]) if start < len(self.train_sizes) else None
+        for i in range(start, len(self.train_sizes)):
             bufs, works = nxt
             for w in works:
                 w.wait()
             if i + 1 < len(self.train_sizes):
                 nxt = self._receive(self.train_sizes[i + 1])
             x, y = (arrived(t, self.cl) for t in bufs[:2])
-            carried = [t.to(self.h_dtype) if f.item() else None for f, t in zip(bufs[3::2], bufs[4::2])]
-            yield x, y, arrived(bufs[2], self.cl, self.h_dtype), carried
+            carried = [t.to(self.h_dtype) if f.item() else None for f, t in zip(bufs[4::2], bufs[5::2])]
+            yield x, y, arrived(bufs[2], self.cl, self.h_dtype), int(bufs[3].item()) or None, carried
 
-    def train_epoch(self, opt, epoch, epochs, untimed=0, last=False):
+    def train_epoch(self, opt, epoch, epochs, untimed=0, last=False, guard=None):
         self.net.train()
         self.method.train()
-        meter, stats = ActivationMeter(self.params), torch.zeros(2 * len(self.modules), device=self.device)
-        busy, seen, n, self.waited = 0.0, 0, len(self.train_sizes), 0.0
-        t0 = t_timed = time.time()
-        for i, (B, (x, y, h, carried)) in enumerate(zip(self.train_sizes, self._batches())):
+        self.guard, saved = guard, guard.resumed(epoch, self.rank) if guard is not None else None
+        self.meter = meter = ActivationMeter(self.params)
+        n = len(self.train_sizes)
+        order = (saved["order"] if saved else self.train_loader.new_order()) if self.first else None
+        start, seen, busy, done = (saved["step"], saved["seen"], saved["busy"], saved["secs"]) if saved else \
+            (0, 0, 0, 0)
+        stats = saved["stats"].to(self.device) if saved else torch.zeros(2 * self.net.K, device=self.device)
+        meter.peak, self.waited, t0 = saved["peak"] if saved else 0, 0.0, time.time()
+        t_timed = t0
+        for i, (x, y, h, self.stop, carried) in enumerate(self._batches(order, start), start):
             if i == untimed and i:                          # --bench: time the steady state only
                 dist.barrier()
                 t_timed, busy, self.waited = time.time(), 0.0, 0.0
             t_b = time.time()
-            opt.zero_grad(set_to_none=True)
-            for name, value in zip(self.method.carried, carried):
-                setattr(self.method, name, value)
-            metered = i < self.mem_iters                    # (metered iterations run eager)
-            with meter if metered else contextlib.nullcontext():
-                h, losses, correct = run_modules(self.net, self.method, Batch(x, y, *self.norm), h, self.modules,
-                                                 replace(self.step, compiled=None) if metered else self.step)
-            if not self.last:
-                out = [x, y, h.float()]                      # (bf16 under autocast: sent as fp32, losslessly)
-                for name in self.method.carried:
-                    t = getattr(self.method, name)
-                    out += [torch.full((1,), float(t is not None), device=self.device),
-                            t.detach().float() if t is not None else torch.zeros_like(out[2])]
-                self._send_on(out)
-            opt.step()
-            if self.sends_back and not (last and i == n - 1):   # (no one reads the run's last update)
+            losses, correct = self._step(opt, x, y, h, carried, metered=i < self.mem_iters)
+            if self.sends_back and not (last and i == n - 1) and not self.stop:   # (no one reads the last update)
                 self._send_weights()
-            stats += torch.stack(losses + correct) * torch.tensor([B] * len(losses) + [1] * len(correct),
-                                                                    device=self.device)
-            seen += B
+            for k, loss, c in zip(self.modules, losses, correct):   # (in the layout of one process's stats)
+                at = 0 if k == self.net.K - 1 else 2 + k
+                stats[at] += loss * (y.shape[0] if k == self.net.K - 1 else 1)
+                stats[at + 1 if k == self.net.K - 1 else at + self.net.K - 1] += c
+            seen += len(y)
             if self.device.type == "cuda":                  # (busy time of kernels, not of their launches)
                 torch.cuda.synchronize(self.device)
             busy += time.time() - t_b
+            if guard is not None:
+                mine = dict(stats=stats.cpu(), seen=seen, busy=busy, peak=meter.peak, secs=done + time.time() - t0)
+                guard.after_step(self, opt, dict(epoch=epoch, step=i + 1, of=n, order=order), mine)
         self._send_on([])                                   # (the last batch has left)
-        mine = dict(stats=stats.tolist(), busy=busy - self.waited, act=meter.peak)   # (waits are not busy)
-        return self._epoch_row(mine, seen, sum(self.train_sizes[untimed:]), (t0, t_timed))
+        mine = dict(stats=stats, busy=busy - self.waited, act=meter.peak)   # (waits for messages are not busy)
+        return self._epoch_row(mine, seen, sum(self.train_sizes[untimed:]), (t0, t_timed, done))
+
+    def _step(self, opt, x, y, h, carried, metered):
+        """One batch through this stage's modules: forward -> loss -> backward each, output on, own SGD step."""
+        opt.zero_grad(set_to_none=True)
+        for name, value in zip(self.method.carried, carried):
+            setattr(self.method, name, value)
+        step = replace(self.step, compiled=None) if metered else self.step   # (metered iterations run eager)
+        with self.meter if metered else contextlib.nullcontext():
+            h, losses, correct = run_modules(self.net, self.method, Batch(x, y, *self.norm), h, self.modules, step)
+        if not self.last:
+            out = [x, y, h.float(), torch.full((1,), float(self.stop or 0), device=self.device)]   # (bf16: as fp32)
+            for name in self.method.carried:
+                t = getattr(self.method, name)
+                out += [torch.full((1,), float(t is not None), device=self.device),
+                        t.detach().float() if t is not None else torch.zeros_like(out[2])]
+            self._send_on(out)
+        opt.step()
+        return losses, correct
+
+    def agree(self, signum):
+        return self.stop                                    # (rank 0's decision, carried by every batch)
+
+    def per_process(self, mine):
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, mine)
+        return everyone
 
     def _epoch_row(self, mine, seen, timed, times):
         """Every stage's numbers to every rank (which also waits for the last stage: the epoch's end), as one row:
-        the final module's loss, every module's accuracy, the pipeline's img/s and each stage's, when busy."""
+        the statistics summed over the stages (each module's come from its own stage), the pipeline's img/s and
+        each stage's when busy, each stage's activation peak."""
+        stats = mine["stats"].clone()
+        dist.all_reduce(stats)
         rows = [None] * self.world
-        dist.all_gather_object(rows, mine)
-        secs = time.time() - times[1]
-        loss = [v for r in rows for v in r["stats"][:len(r["stats"]) // 2]]
-        corr = [v for r in rows for v in r["stats"][len(r["stats"]) // 2:]]
-        return dict(loss=loss[-1] / seen, train_acc=100.0 * corr[-1] / seen,
-                    aux_acc=[None if c < 0 else 100.0 * c / seen for c in corr[:-1]], img_s=seen / secs, sec=secs,
+        dist.all_gather_object(rows, dict(busy=mine["busy"], act=mine["act"]))
+        secs, (s, K) = time.time() - times[1] + times[2], (stats.tolist(), self.net.K)
+        return dict(loss=s[0] / seen, train_acc=100.0 * s[1] / seen,
+                    aux_acc=[None if c < 0 else 100.0 * c / seen for c in s[2 + (K - 1):]],
+                    local_loss=[v / len(self.train_sizes) for v in s[2:2 + (K - 1)]], img_s=seen / secs, sec=secs,
                     seen=seen, untimed_s=times[1] - times[0], stage_img_s=[timed / max(r["busy"], 1e-9) for r in rows],
                     stage_act_peak_bytes=[r["act"] for r in rows])
-
 
     @torch.no_grad()
     def evaluate(self):
@@ -3144,8 +3299,7 @@ class Pipeline(Trainer):
 
     def save(self, path, meta, opt):
         state = self.state(opt)                             # (every stage takes part in the gather)
-        if self.first:
-            atomic_save({**state, **meta}, path)
+        return atomic_save({**state, **meta}, path) if self.first else True
 
     def load(self, ck, opt):
         if ck.get("stages") != self.sizes:
@@ -3195,22 +3349,50 @@ def print_splits(net, method):
 # Flags that may differ between a run and its resumption (where files are, how much is logged; --pipeline checks
 # its stages itself).
 RESUME_FREE = {"save", "resume", "out", "log_secs", "workers", "device", "data_dir", "mem_iters", "no_download",
-               "report", "report_run", "plot", "print_splits", "print_config", "compile", "stages"}
+               "report", "report_run", "plot", "print_splits", "print_config", "compile", "stages",
+               "save_every"}
 
 
 def atomic_save(obj, path):
+    """Write to a temporary file, then rename it over `path`: a checkpoint is whole or not there. A failed write
+    (a full disk, a lost mount) prints one warning and returns False: the previous checkpoint is intact, and the
+    run goes on (its progress is worth more than the stop; the next save tries again)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+        return True
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        print(f"warning: --save {path}: not written ({type(e).__name__}: {first_line(e)}); the previous checkpoint "
+              f"is intact, training goes on and saves again at the next chance", file=sys.stderr, flush=True)
+        return False
+
+
+CHECKPOINT_KEYS = ("net", "method", "opt", "epoch", "best", "history", "args")
+
+
+def provenance(device):
+    """What produced a result or a checkpoint: this file's sha256, torch's version, the device."""
+    import hashlib
+    with open(os.path.abspath(__file__), "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    return dict(code_sha256=sha, torch=torch.__version__, device_name=device_name(device))
 
 
 def load_checkpoint(path, config):
     """Read --resume (on the CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest) and
-    check that it is the same run: every flag but where and how it is logged must match `config`."""
+    check that it is one of our checkpoints and of the same run: every flag but where and how it is logged must
+    match `config`. (Whether its tensors fit the model is checked when they are loaded.)"""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise UserError(f"--resume {path}: cannot read the checkpoint ({type(e).__name__}: {e})")
+        raise UserError(f"--resume {path}: cannot read the checkpoint ({type(e).__name__}: {first_line(e)})")
+    if not isinstance(ck, dict) or not all(k in ck for k in CHECKPOINT_KEYS) or not isinstance(ck["args"], dict):
+        what = f"missing {', '.join(k for k in CHECKPOINT_KEYS if k not in ck)}" if isinstance(ck, dict) else \
+            f"a {type(ck).__name__}"
+        raise UserError(f"--resume {path}: not a checkpoint of local_learning.py ({what})")
     for key, value in config.items():
         if key not in RESUME_FREE and ck["args"].get(key) != value:
             raise UserError(f"--resume {path}: checkpoint has {key}={ck['args'].get(key)}, this run {key}={value}")
@@ -3240,12 +3422,8 @@ def train(cfg, spec, opts):
     net, method = build(cfg, spec, opts)
     if cfg.print_splits:
         return print_splits(net, method)
-    if cfg.print_config:   # (lambdas is a pair (values, where they came from): the values, then the source)
-        print_config(cfg, method, device=str(device), modules=net.K)
-        values = resolved_values(cfg, method)
-        if "lambdas" in values:
-            values.update(lambdas=list(values["lambdas"][0]), lambdas_source=values["lambdas"][1])
-        return print(json.dumps(dict(values, modules=net.K, sources=cfg.sources)), flush=True)
+    if cfg.print_config:
+        return show_config(cfg, method, device, net.K)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the originals' setting (and what their memory numbers assume)
     net.to(device)
@@ -3265,6 +3443,10 @@ def train(cfg, spec, opts):
                         None)
     else:
         data = lambda: load_data(cfg, spec, device, gen, cl)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restarts and cfg.save and not cfg.resume and os.path.isfile(cfg.save):   # (torchrun --max-restarts)
+        cfg.resume = cfg.save
+        print(f"restart {restarts}: resuming from {cfg.save}", flush=True)
     ck = load_checkpoint(cfg.resume, vars(cfg)) if cfg.resume else None
     if joined:
         trainer = distributed_trainer(cfg, net, method, step, data, ck)
@@ -3273,67 +3455,157 @@ def train(cfg, spec, opts):
     return fit(cfg, spec, trainer, ck)
 
 
+def show_config(cfg, method, device, modules):
+    """--print-config: the config line, then every resolved value as one JSON line (lambdas, a pair of values and
+    where they came from, as the values and `lambdas_source`)."""
+    print_config(cfg, method, device=str(device), modules=modules)
+    values = resolved_values(cfg, method.opts)
+    if "lambdas" in values:
+        values.update(lambdas=list(values["lambdas"][0]), lambdas_source=values["lambdas"][1])
+    print(json.dumps(dict(values, modules=modules, sources=cfg.sources)), flush=True)
+
+
+class Preempted(Exception):
+    """The run stopped at a signal after a training step (and, with --save, wrote its checkpoint); `code` is the
+    exit status shells expect, 128 + the signal's number (SIGINT 130, SIGTERM 143, SIGUSR1 138)."""
+
+    def __init__(self, line, code):
+        super().__init__(line)
+        self.code = code
+
+
+class Guard:
+    """What long runs on shared clusters need, around fit's epochs: SIGTERM, SIGINT and SIGUSR1 (SLURM's --signal)
+    end the current training step, write a checkpoint (--save) and stop the run (Preempted); a second Ctrl-C
+    stops at once. --save-every N writes a checkpoint every N steps too, and a checkpoint taken in the middle of an
+    epoch resumes at its step: same batches, augmentation draws, RNG states, lr and epoch statistics."""
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+    def __init__(self, path, every, meta, progress=None):
+        self.path, self.every, self.meta, self.progress = path, every, meta, progress   # meta(): best, history, ..
+        self.signal, self.old = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                if hasattr(signal, name):
+                    self.old[name] = signal.signal(getattr(signal, name), self._caught)
+        return self
+
+    def __exit__(self, *exc):
+        for name, handler in self.old.items():
+            signal.signal(getattr(signal, name), handler)
+
+    def _caught(self, signum, frame):
+        if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def resumed(self, epoch, rank):
+        """This process's epoch accumulators, order and next step, if the run resumes in the middle of `epoch`."""
+        p, self.progress = self.progress, None
+        return dict(p["procs"][rank], order=p["order"], step=p["step"]) if p and p["epoch"] == epoch else None
+
+    def after_step(self, trainer, opt, where, mine):
+        """After every training step: the --save-every checkpoint; at a signal, the checkpoint and the stop."""
+        stop = trainer.agree(self.signal)                 # (under torchrun every process stops at the same step)
+        saved = False
+        if self.path and (stop or (self.every and where["step"] % self.every == 0)):
+            meta = dict(self.meta(), epoch=where["epoch"] - 1, progress=dict(where, procs=trainer.per_process(mine)))
+            saved = trainer.save(self.path, meta, opt)
+        if stop:
+            at = f"stopped by {signal.Signals(stop).name} in epoch {where['epoch']} after step {where['step']} of " \
+                 f"{where['of']}"
+            lost = f"{where['epoch'] - 1} epoch(s) and {where['step']} step(s) of training are lost"
+            raise Preempted(f"{at}: checkpoint {self.path} written; to continue, run the same command with --resume "
+                            f"{self.path}" if saved else f"{at}: nothing saved (no --save PATH or a failed write) -- "
+                            f"{lost}", 128 + stop)
+
+
 def fit(cfg, spec, trainer, ck=None):
     """The training loop of every run -- one device, data parallel, pipelined, --bench: resume, then per epoch
     the lr, one epoch of training, the test accuracy, one row and a checkpoint; then the final JSON line."""
-    opt = trainer.optimizer(cfg.lr, cfg.wd)
-    start, best, history, ran = 1, 0.0, [], []
+    opt, history, ran, epochs = trainer.optimizer(cfg.lr, cfg.wd), [], [], 1 if cfg.bench else cfg.epochs
     if not cfg.bench:
         print_config(cfg, trainer.method, **trainer.config())
     if ck is not None:
-        trainer.load(ck, opt)
-        start, best, history = ck["epoch"] + 1, ck["best"], ck["history"]
-        print(f"resumed from {cfg.resume} at epoch {ck['epoch']}", flush=True)
+        load_state(trainer, ck, opt, cfg.resume)
+        history = ck["history"]
+        print(f"resumed from {cfg.resume} at epoch {ck['epoch']}" + (f", step {ck['progress']['step']}" if
+              ck.get("progress") else ""), flush=True)
     if not cfg.bench:
         print(f"{'ep':>4} {'lr':>7} {'loss':>7} {'train%':>6} {'test%':>6} {'best%':>6} {trainer.header}", flush=True)
-    t_start, out = time.time(), cfg.out if trainer.writes else None
-    for epoch in range(start, (1 if cfg.bench else cfg.epochs) + 1):
-        lr = cfg.lr if cfg.bench else lr_at(epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs, spec.schedule)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        row = trainer.train_epoch(opt, epoch, cfg.epochs, warmup_steps(cfg, trainer.step) if cfg.bench else 0,
-                                  last=cfg.bench or epoch == cfg.epochs)
-        if cfg.bench:
-            return emit(dict(bench_result(cfg, spec, trainer, row, opt), flops_per_img=trainer.flops_per_img()), out)
-        check_finite(row["loss"], epoch)
-        row = dict(epoch=epoch, lr=lr, **row, test_acc=trainer.evaluate())
-        best = max(best, row["test_acc"])
-        history.append(row)
-        ran.append(row)
-        print(f"{epoch:>4} {lr:7.4f} {row['loss']:7.4f} {row['train_acc']:6.2f} {row['test_acc']:6.2f} {best:6.2f} "
-              f"{trainer.row_text(row)}", flush=True)
-        if cfg.save:
-            trainer.save(cfg.save, dict(epoch=epoch, best=best, history=history, args=vars(cfg)), opt)
+    best = lambda: max((h["test_acc"] for h in history), default=0.0)
+    meta = lambda: dict(best=best(), history=history, args=vars(cfg), provenance=provenance(trainer.device))
+    t_start, out, start = time.time(), cfg.out if trainer.writes else None, ck["epoch"] + 1 if ck else 1
+    with Guard(cfg.save, cfg.save_every, meta, ck.get("progress") if ck else None) as guard:
+        for epoch in range(start, epochs + 1):
+            lr = cfg.lr if cfg.bench else lr_at(epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs, spec.schedule)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            row = trainer.train_epoch(opt, epoch, cfg.epochs, warmup_steps(cfg, trainer.step) if cfg.bench else 0,
+                                      cfg.bench or epoch == cfg.epochs, guard)
+            if cfg.bench:
+                flops = trainer.flops_per_img()
+                return emit(dict(bench_result(cfg, spec, trainer, row, opt), flops_per_img=flops), out)
+            check_finite(row["loss"], epoch)
+            row = dict(epoch=epoch, lr=lr, **row, test_acc=trainer.evaluate())
+            history.append(row)
+            ran.append(row)
+            print(f"{epoch:>4} {lr:7.4f} {row['loss']:7.4f} {row['train_acc']:6.2f} {row['test_acc']:6.2f} "
+                  f"{best():6.2f} {trainer.row_text(row)}", flush=True)
+            if cfg.save:
+                trainer.save(cfg.save, dict(meta(), epoch=epoch), opt)
+    if not ran and ck is not None:   # a finished run, resumed: its result is printed again, not appended again
+        print(f"{cfg.resume}: the run had finished (epoch {ck['epoch']} of {cfg.epochs}); nothing to train", flush=True)
+        out = None
     extra = dict(trainer.result(history, ran, opt), flops_per_img=trainer.flops_per_img())
-    return emit(run_result(cfg, trainer, history, best, t_start, **extra), out)
+    return emit(run_result(cfg, trainer, history, best(), t_start, **extra), out)
 
 
-def resolved_values(cfg, method):
-    """Every resolved value, keyed by flag name: the flags, then the method options as resolved."""
-    values = {k: v for k, v in vars(cfg).items() if k not in all_options() and k != "sources"}
-    return dict(values, **{k: v for k, v in vars(method.opts).items() if k not in CONTEXT and k != "chain"})
+def load_state(trainer, ck, opt, path):
+    """A checkpoint's tensors into the run (one line where they do not fit), and a warning if this file changed."""
+    try:
+        trainer.load(ck, opt)
+    except (RuntimeError, KeyError, ValueError, IndexError, TypeError) as e:
+        raise UserError(f"--resume {path}: the checkpoint does not fit this run ({type(e).__name__}: {first_line(e)})")
+    was = (ck.get("provenance") or {}).get("code_sha256")
+    if was and was != provenance(trainer.device)["code_sha256"]:
+        print(f"warning: local_learning.py has changed since {path} was written: the resumed run need not equal an "
+              f"uninterrupted one", flush=True)
+
+
+def resolved_values(cfg, opts):
+    """Every resolved value, keyed by flag name: the flags, then the method options (`opts`) as resolved."""
+    values = {k: v for k, v in vars(cfg).items() if k not in all_options() and k not in ("sources", "warnings")}
+    return dict(values, **{k: v for k, v in vars(opts).items() if k not in CONTEXT and k != "chain"})
 
 
 def print_config(cfg, method, **extra):
     """The resolved config, one line (flags, method options as resolved, then `extra`), where the defaults came
     from, and the method's resolved settings (e.g. InfoPro's loss weights per module)."""
-    print("config: " + " ".join(f"{k}={v}" for k, v in dict(resolved_values(cfg, method), **extra).items()), flush=True)
+    print("config: " + " ".join(f"{k}={v}" for k, v in dict(resolved_values(cfg, method.opts), **extra).items()),
+          flush=True)
     by_source = {}
     for key, source in cfg.sources.items():
         by_source.setdefault(source, []).append(f"{key}={getattr(cfg, key)}")
     print("defaults: " + "; ".join(f"{', '.join(keys)} ({source})" for source, keys in by_source.items()), flush=True)
+    for line in cfg.warnings:
+        print(line, flush=True)
     if method.summary():
         print(f"{cfg.method}: {method.summary()}", flush=True)
 
 
 def run_result(cfg, trainer, history, best, t_start, **extra):
-    """The final JSON line of a training run (`extra`: what the kind of run measures)."""
+    """The final JSON line of a training run (`extra`: what the kind of run measures), with every resolved setting
+    (`config`) and what produced it (`provenance`)."""
     last = history[-1] if history else {}
     return dict(method=cfg.method, dataset=cfg.dataset, arch=cfg.arch, K=cfg.K, modules=trainer.net.K, seed=cfg.seed,
                 epochs=cfg.epochs, base=cfg.base, batch_size=cfg.batch_size, lr=cfg.lr, options=given_options(cfg),
                 balanced_memory=cfg.balanced_memory, device=str(trainer.device),
                 world_size=trainer.world, final_acc=last.get("test_acc"), best_acc=best, module_acc=last.get("aux_acc"),
                 **extra, summary=trainer.method.summary(), wall_s=time.time() - t_start,
+                config=resolved_values(cfg, trainer.method.opts), provenance=provenance(trainer.device),
                 history=[{k: h.get(k) for k in ("epoch", "loss", "train_acc", "test_acc", "aux_acc")} for h in history])
 
 
@@ -3361,12 +3633,19 @@ def given_options(cfg):
 
 
 def emit(result, out):
+    """The JSON line to stdout, then appended to --out (checked writable at start; if it fails now, the line is
+    already on stdout, and the error says so)."""
     line = json.dumps(result)
     print(line, flush=True)
     if out:
-        with open(out, "a") as f:
-            f.write(line + "\n")
+        try:
+            with open(out, "a") as f:
+                f.write(line + "\n")
+        except OSError as e:
+            raise UserError(f"--out {out}: not written ({type(e).__name__}: {first_line(e)}); the result line is "
+                            f"the last line printed above")
     return result
+
 
 def run_label(r):
     """method[+base] and the options that distinguish a row (auglocal d=3 pyramid=0.5, bp checkpoint, infopro*)."""
@@ -3469,32 +3748,73 @@ def report_paper_memory(rows):
 
 # ---- --report: Markdown tables from results files -------------------------------------------------------------
 
-def report(path, run_line=None, plot_path=None):
-    """Markdown tables from a results file: test error (mean +- std over seeds) per method x arch/K, peak memory
-    and throughput against BP of the same arch, one run's per-module aux accuracies; and the bench tables."""
+RUN_FIELDS = ("method", "dataset", "arch", "K", "modules", "seed", "epochs", "final_acc", "best_acc", "history",
+              "train_img_s", "act_peak_bytes", "param_bytes", "grad_bytes", "opt_state_bytes")
+BENCH_FIELDS = ("method", "arch", "K", "modules", "batch", "device", "img_s", "act_peak_mib")
+
+
+def read_results(path):
+    """The usable lines of a results file, as (line number, object); the others (not UTF-8, not JSON, not an
+    object, without the fields the tables read) are skipped and counted, in one line."""
     try:
-        with open(path) as f:
-            lines = [(i + 1, json.loads(l)) for i, l in enumerate(f) if l.strip()]
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"--report {path}: {e}")
+        with open(path, "rb") as f:
+            raw = f.read().splitlines()
+    except OSError as e:
+        raise UserError(f"--report {path}: {type(e).__name__}: {first_line(e)}")
+    lines, skipped = [], []
+    for i, b in enumerate(raw, 1):
+        if not b.strip():
+            continue
+        try:
+            r = json.loads(b.decode("utf-8"))
+            usable = isinstance(r, dict) and (r.get("pipeline") or all(
+                k in r for k in (BENCH_FIELDS if r.get("bench") else RUN_FIELDS)))
+        except (UnicodeDecodeError, ValueError):
+            usable = False
+        (lines.append((i, r)) if usable else skipped.append(i))
+    if skipped:
+        print(f"note: --report {path}: skipped {len(skipped)} unusable line(s) {skipped[:10]} (not a result line of "
+              f"local_learning.py)", file=sys.stderr, flush=True)
+    return lines
+
+
+def config_labels(runs):
+    """Each run's label: run_label plus the settings that tell apart runs of that label (beyond dataset, arch, K
+    and seed), so that different configurations are never pooled as seeds of one."""
+    same_run = RESUME_FREE | {"seed", "dataset", "arch", "K", "method", "base", "options", "balanced_memory"}
+    conf = {i: {k: json.dumps(v) for k, v in (r.get("config") or {}).items() if k not in same_run} for i, r in runs}
+    labels = {}
+    for lab in {run_label(r) for _, r in runs}:
+        mine = [i for i, r in runs if run_label(r) == lab]
+        differ = sorted(k for k in {k for i in mine for k in conf[i]} if len({conf[i].get(k) for i in mine}) > 1)
+        labels.update({i: lab + "".join(f" {k}={conf[i].get(k)}" for k in differ) for i in mine})
+    return labels
+
+
+def report(path, run_line=None, plot_path=None):
+    """Markdown tables from a results file: test error (mean +- std over seeds) per configuration x arch/K, peak
+    memory and throughput against BP of the same arch, one run's per-module aux accuracies; and the bench tables."""
+    lines = read_results(path)
     runs = [(i, r) for i, r in lines if not r.get("bench") and not r.get("pipeline") and r.get("final_acc") is not None]
     benches = [r for _, r in lines if r.get("bench") and not r.get("pipeline") and r.get("world_size", 1) == 1]
     if not runs and not benches:
-        raise UserError(f"--report {path}: no training runs or bench lines in the file")
+        raise UserError(f"--report {path}: no usable training runs or bench lines in the file")
+    labels = config_labels(runs)
+    runs = [(i, dict(r, label=labels[i])) for i, r in runs]
     paper = [r for r in benches if (r.get("dataset"), r["arch"], r["batch"]) in PAPER_MEMORY]
     speed = [r for r in benches if r not in paper]
     out = (report_bench(speed) if speed else []) + report_paper_memory(paper)
     order = list(dict.fromkeys(["bp", "greedy", "dgl", "predsim", "infopro", "auglocal"] +
-                               sorted({run_label(r) for _, r in runs})))
+                               sorted({r["label"] for _, r in runs})))
     for ds in dict.fromkeys(r["dataset"] for _, r in runs):
         rs = [r for _, r in runs if r["dataset"] == ds]
-        cols = sorted({(r["arch"], r["K"]) for r in rs if run_label(r) != "bp"} or {(r["arch"], 1) for r in rs},
+        cols = sorted({(r["arch"], r["K"]) for r in rs if r["label"] != "bp"} or {(r["arch"], 1) for r in rs},
                       key=lambda c: (int(c[0][6:]), c[1]))
         groups = {}
         for r in rs:   # BP does not depend on K: its K=1 runs fill every column of their arch
-            for c in cols if run_label(r) == "bp" else [(r["arch"], r["K"])]:
+            for c in cols if r["label"] == "bp" else [(r["arch"], r["K"])]:
                 if c[0] == r["arch"]:
-                    groups.setdefault((run_label(r), c), []).append(r)
+                    groups.setdefault((r["label"], c), []).append(r)
         out += report_errors(ds, rs, cols, groups, order) + report_memory(ds, rs, cols, groups, order)
     out += report_modules(runs, run_line)
     if plot_path:
@@ -3517,7 +3837,7 @@ def plot(runs, path):
     fig, (mem, flops, mods) = plt.subplots(1, 3, figsize=(18, 5.5))
     labels = []
     for _, r in runs:
-        lab = f"{run_label(r)} {r['arch']} K={r['K']}"
+        lab = f"{r['label']} {r['arch']} K={r['K']}"
         labels.append(lab)
         err = 100 - r["final_acc"]
         for ax, x in ((mem, r.get("act_peak_bytes")), (flops, r.get("flops_per_img"))):
@@ -3575,7 +3895,7 @@ def report_memory(ds, rs, cols, groups, order):
     out = ["", f"### {ds}: peak memory and throughput (vs BP of the same arch)", "",
            "| method | arch | K | peak memory | saved vs BP | img/s | overhead vs BP |",
            "|---|---|---|---|---|---|---|"]
-    bp = {a: [r for r in rs if run_label(r) == "bp" and r["arch"] == a] for a, _ in cols}
+    bp = {a: [r for r in rs if r["label"] == "bp" and r["arch"] == a] for a, _ in cols}
     for m in order:
         for a, k in cols:
             g = groups.get((m, (a, k)))
@@ -3601,7 +3921,7 @@ def report_modules(runs, run_line):
     i, r = next(((i, r) for i, r in with_mod if i == run_line), None) or \
         max(with_mod, key=lambda t: (sum(a is not None for a in t[1]["module_acc"]), t[0]))
     n = len(r["module_acc"])
-    return [f"### Per-module aux accuracy on training batches (line {i}: {run_label(r)}, {r['dataset']}, {r['arch']} "
+    return [f"### Per-module aux accuracy on training batches (line {i}: {r['label']}, {r['dataset']}, {r['arch']} "
             f"K={r['K']}, seed {r['seed']})", "", "| module | " + " | ".join(str(j) for j in range(n)) + " | final |",
             "|---|" + "---|" * (n + 1), "| acc % | " + " | ".join("-" if a is None else f"{a:.1f}" for a in
             r["module_acc"]) + f" | {r['history'][-1]['train_acc']:.1f} |", ""]
@@ -3617,6 +3937,10 @@ def main(argv=None):
             raise UserError("--plot draws a --report: add --report RESULTS")
         with one_voice():                                   # (section 9: under torchrun, rank 0 prints)
             return train(*resolve_config(args))
+    except Preempted as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(e, file=sys.stderr, flush=True)
+        sys.exit(e.code)
     except UserError as e:
         rank = os.environ.get("RANK", "0")                 # under torchrun every rank stops; rank 0 says why
         if rank == "0" or isinstance(e, RankError):

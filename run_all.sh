@@ -24,8 +24,9 @@
 #   RESULTS_BENCH [results_bench.jsonl]; with MEMTABLE=1 (the default on CUDA) also the papers' memory settings
 #   (InfoPro's Table 3: ResNet-110 CIFAR-10 batch 1024 and STL-10 batch 128: BP, BP-checkpoint, InfoPro* K=2,3,4;
 #   on CUDA also MAN's and InfoPro's ImageNet settings: ResNet-101/152 at 128 per GPU). Then --report.
-# A run whose resolved settings (method, options, dataset, arch, K, seed, epochs, base, batch, lr) are already in
-# $RESULTS is skipped, so the script can be re-run after an interruption. Missing data stops it with the program's
+# A run whose every resolved setting (the result line's "config": method, options, dataset, arch, K, seed, epochs,
+# batch, lr, warm-up, subsets, ...) is already in $RESULTS is skipped, so the script can be re-run after an
+# interruption; a change of EXTRA or of any default trains anew. Missing data stops it with the program's
 # one-line message. Render the results with:  python local_learning.py --report results.jsonl [--plot grid.png]
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -59,21 +60,22 @@ read -r -d '' RUN_LIST_PY <<'PY' || true
 import json, subprocess, sys
 import local_learning as L
 results, inproc = sys.argv[1], sys.argv[2] == "1"
-keys = ("method", "options", "dataset", "arch", "K", "seed", "epochs", "base", "batch_size", "lr", "balanced_memory")
-key = lambda d: json.dumps({k: d.get(k) for k in keys}, sort_keys=True)
+free = L.RESUME_FREE | {"sources", "warnings"}          # (where files are and how much is logged: not the run)
+key = lambda config: json.dumps({k: v for k, v in config.items() if k not in free}, sort_keys=True, default=str)
 done = set()
-for line in open(results):
+for line in open(results, "rb"):
     try:
-        done.add(key(json.loads(line)))
-    except (ValueError, AttributeError):
+        done.add(key(json.loads(line)["config"]))
+    except (ValueError, KeyError, TypeError, AttributeError):
         pass
 made = skipped = 0
 for argv in [line.split() for line in sys.stdin.read().splitlines() if line.strip()]:
     try:
-        args = L.resolve_config(L.parse_args(argv))[0]
+        args, _, opts = L.resolve_config(L.parse_args(argv))
     except L.UserError as e:
         sys.exit(f"error: {e}\nrun_all.sh: stopped at {' '.join(argv)} (see the error above)")
-    if key(dict(vars(args), options=L.given_options(args))) in done:
+    want = key(L.resolved_values(args, opts))              # every resolved setting must match to skip a run
+    if want in done:
         skipped += 1
         continue
     print("==", " ".join(argv), flush=True)
@@ -88,7 +90,7 @@ for argv in [line.split() for line in sys.stdin.read().splitlines() if line.stri
     if not ok:
         sys.exit(f"run_all.sh: stopped at {' '.join(argv)} (see the error above)")
     made += 1
-    done.add(key(dict(vars(args), options=L.given_options(args))))
+    done.add(want)
 print(f"run_all.sh: {made} run(s) made, {skipped} already in {results}")
 PY
 run_list() {  # results file, 1 = in this process; argv lines on stdin -> the runs not in the file yet
@@ -130,21 +132,23 @@ bench_list() {  # results file; argv lines on stdin -> one --bench run each (in 
 }
 
 memory_table() {  # results file, 1 for the ImageNet settings: the papers' memory settings (report_paper_memory)
-  local out=$1 ds b m arch
-  for row in cifar10:1024 stl10:128; do                                # InfoPro's Table 3, ResNet-110
-    ds=${row%%:*}; b=${row##*:}
-    for m in "bp --K 1" "bp --checkpoint --K 4" "infopro --balanced-memory --K 2" "infopro --balanced-memory --K 3" \
-             "infopro --balanced-memory --K 4"; do
-      echo "--method $m --dataset $ds --arch resnet110 --bench 3 --batch-size $b --mem-iters 1 ${DEVICE:+--device $DEVICE} ${BENCH_FLAGS:-}"
-    done
-  done
-  if [ "$2" = 1 ]; then                                                 # InfoPro's Table 4, MAN's claims (per GPU)
-    for arch in resnet101 resnet152; do
-      for m in "bp --K 1" "infopro --K 2" "infopro --K 4" "man --base infopro --K 4"; do
-        echo "--method $m --dataset imagenet --arch $arch --bench 3 --batch-size 128 --mem-iters 1 ${DEVICE:+--device $DEVICE} ${BENCH_FLAGS:-}"
+  local out=$1 ds b m arch tail="--bench 3 --mem-iters 1 ${DEVICE:+--device $DEVICE} ${BENCH_FLAGS:-}"
+  {
+    for row in cifar10:1024 stl10:128; do                                # InfoPro's Table 3, ResNet-110
+      ds=${row%%:*}; b=${row##*:}
+      for m in "bp --K 1" "bp --checkpoint --K 4" "infopro --balanced-memory --K 2" "infopro --balanced-memory --K 3" \
+               "infopro --balanced-memory --K 4"; do
+        echo "--method $m --dataset $ds --arch resnet110 --batch-size $b $tail"
       done
     done
-  fi | bench_list "$out"
+    if [ "$2" = 1 ]; then                                                 # InfoPro's Table 4, MAN's claims (per GPU)
+      for arch in resnet101 resnet152; do
+        for m in "bp --K 1" "infopro --K 2" "infopro --K 4" "man --base infopro --K 4"; do
+          echo "--method $m --dataset imagenet --arch $arch --batch-size 128 $tail"
+        done
+      done
+    fi
+  } | bench_list "$out"
 }
 
 has_cuda() { $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; }
@@ -168,12 +172,15 @@ if [ "${GPU:-0}" = 1 ]; then
   echo "== GPU check 2/5: --bench, eager and compiled ($(( budget - SECONDS + start )) s left)"
   DEVICE=$dev METHODS=${GPU_METHODS:-$all} BENCH_GRID=${GPU_BENCH_GRID:-resnet32:16} BENCH_COMPILE=eager \
     BENCH_FLAGS="$amp ${BENCH_FLAGS:-}" bench_grid "$out/bench.jsonl"
-  DEVICE=$dev METHODS=${GPU_COMPILE_METHODS:-bp dgl infopro auglocal man+dgl} BENCH_GRID=${GPU_BENCH_GRID:-resnet32:16} \
+  DEVICE=$dev METHODS=${GPU_COMPILE_METHODS-bp dgl infopro auglocal man+dgl} BENCH_GRID=${GPU_BENCH_GRID:-resnet32:16} \
     BENCH_COMPILE=default BENCH_FLAGS="$amp ${BENCH_FLAGS:-}" bench_grid "$out/bench.jsonl"
   echo "== GPU check 3/5: the papers' memory settings ($(( budget - SECONDS + start )) s left)"
-  DEVICE=$dev BENCH_FLAGS="$amp ${BENCH_FLAGS:-}" memory_table "$out/bench.jsonl" "$([ "$dev" = cpu ] && echo 0 || echo 1)"
+  if [ "${GPU_MEMTABLE:-1}" = 1 ]; then
+    DEVICE=$dev BENCH_FLAGS="$amp ${BENCH_FLAGS:-}" memory_table "$out/bench.jsonl" "$([ "$dev" = cpu ] && echo 0 || echo 1)"
+  fi
   echo "== GPU check 4/5: full-schedule subset runs, as many as fit ($(( budget - SECONDS + start )) s left)"
-  $PY - "$out" "$(( budget - SECONDS + start ))" "$sub" ${GPU_FULL:-bp dgl infopro auglocal man mlaan sgr} <<'PY'
+  # shellcheck disable=SC2086
+  $PY - "$out" "$(( budget - SECONDS + start ))" "$sub" ${GPU_FULL-bp dgl infopro auglocal man mlaan sgr} <<'PY'
 import json, sys, time
 import local_learning as L
 out, left, sub, words = sys.argv[1], float(sys.argv[2]), sys.argv[3].split(), sys.argv[4:]
@@ -194,7 +201,7 @@ PY
   plot=""; $PY -c "import matplotlib" 2>/dev/null && plot="--plot $out/plot.png"
   # shellcheck disable=SC2086
   $PY local_learning.py --report "$out/all.jsonl" $plot > "$out/report.md"
-  echo "run_all.sh: GPU check done in $(( SECONDS - start )) s; files in $out (report.md, *.jsonl, crash_*.log)"
+  echo "run_all.sh: GPU check done in $(( SECONDS - start )) s; files in $out (report.md, plot.png, *.jsonl)"
   exit 0
 fi
 

@@ -10,8 +10,10 @@ import json
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -1663,6 +1665,9 @@ def test_run_all_quick_smoke(cifar_dir, tmp_path):
     again = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], env=env, capture_output=True, text=True,
                            timeout=600)
     assert "0 run(s) made, 2 already" in again.stdout and len((tmp_path / "q.jsonl").read_text().splitlines()) == 2
+    other = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], env=dict(env, METHODS="dgl", EXTRA="--wd 0.001"),
+                           capture_output=True, text=True, timeout=600)     # (another setting: not "done already")
+    assert "1 run(s) made, 0 already" in other.stdout and len((tmp_path / "q.jsonl").read_text().splitlines()) == 3
     env.update(DATA_DIR=str(tmp_path / "nothing"), EXTRA="--no-download")
     missing = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], env=dict(env, RESULTS_QUICK=str(tmp_path / "m")),
                              capture_output=True, text=True, timeout=600)
@@ -2020,6 +2025,256 @@ def test_balance_minimises_the_largest_stage():
     assert L.balance([1, 2, 3, 4, 5, 6], 3) == [3, 2, 1]                 # 6 | 9 | 6
     assert sum(L.balance(list(range(1, 56)), 4)) == 55
 
+# ----------------------------------------------------------------------------------- long runs: faults, signals, restarts
+
+def _state(path):
+    ck = torch.load(path, weights_only=False)
+    return {f"{who}.{k}": v for who in ("net", "method") for k, v in ck[who].items()}
+
+
+def _run_argv(cifar_dir, ck, *extra):
+    return train_args(cifar_dir, "--method", "man", "--base", "dgl", "--K", "4", "--epochs", "3", "--warmup-epochs",
+                      "1", "--batch-size", "8", "--save", ck, *extra)
+
+
+def _wait_for_step(path, step, proc, timeout=120):
+    """Until the run's checkpoint holds a mid-epoch step >= `step` (or the run ended)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout and proc.poll() is None:
+        with contextlib.suppress(Exception):
+            ck = torch.load(path, weights_only=False)
+            if ck.get("progress") and (ck["epoch"], ck["progress"]["step"]) >= (1, step):
+                return
+        time.sleep(0.05)
+
+
+def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(cifar_dir, tmp_path):
+    """A real child process gets SIGTERM in epoch 2; it ends the step, checkpoints, says how to resume and exits
+    143; resumed, the run ends with every parameter and buffer, and the accuracies, of an uninterrupted run."""
+    full = L.main(_run_argv(cifar_dir, str(tmp_path / "full.pt")))
+    ck = str(tmp_path / "ck.pt")
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "local_learning.py"),
+                             *_run_argv(cifar_dir, ck, "--save-every", "1")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_step(ck, 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1].strip().splitlines()
+    assert proc.returncode == 143 and err[-1].startswith("stopped by SIGTERM in epoch ") and "--resume " + ck in err[-1]
+    stopped = torch.load(ck, weights_only=False)
+    assert stopped["progress"]["step"] < stopped["progress"]["of"] or stopped["epoch"] < 3   # (in the middle)
+    resumed = L.main(_run_argv(cifar_dir, ck, "--resume", ck))
+    assert [(h["loss"], h["train_acc"], h["test_acc"]) for h in resumed["history"]] == \
+        [(h["loss"], h["train_acc"], h["test_acc"]) for h in full["history"]]
+    a, b = _state(tmp_path / "full.pt"), _state(ck)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigint_without_save_says_what_is_lost(cifar_dir, tmp_path):
+    argv = train_args(cifar_dir, "--method", "dgl", "--K", "4", "--epochs", "50", "--batch-size", "8", "--out",
+                      str(tmp_path / "r.jsonl"))
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "local_learning.py"), *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and "  ep " not in proc.stdout.readline():   # (training has started)
+        pass
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1].strip().splitlines()
+    assert proc.returncode == 130 and err[-1].startswith("stopped by SIGINT") and "nothing saved" in err[-1]
+    assert not (tmp_path / "r.jsonl").exists() or not (tmp_path / "r.jsonl").read_text()
+
+
+def _signal_worker(rank, world, port, argv, signal_at, pipeline, out):
+    """L.main in a gloo group; rank 0 alone sends itself SIGTERM at training step `signal_at` (None: no signal)."""
+    import torch.distributed as dist
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    name = "run_modules" if pipeline else "train_step"
+    real, calls = getattr(L, name), []
+
+    def step(*a, **k):
+        calls.append(1)
+        if rank == 0 and len(calls) == signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    setattr(L, name, step)
+    try:
+        r = L.main(argv)
+        with open(os.path.join(out, f"result_{rank}.json"), "w") as f:
+            json.dump([(h["loss"], h["train_acc"], h["test_acc"]) for h in r["history"]], f)
+    except SystemExit as e:
+        with open(os.path.join(out, f"exit_{rank}"), "w") as f:
+            f.write(str(e.code))
+    finally:
+        setattr(L, name, real)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_signal_under_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(cifar_dir, tmp_path, pipeline):
+    """2 gloo processes, data parallel or 2 pipeline stages: SIGTERM reaches rank 0 alone in epoch 2; both ranks
+    stop after the same step (exit 143), rank 0 writes the one checkpoint, and the resumed run equals an
+    uninterrupted one, parameter for parameter."""
+    import torch.multiprocessing as mp
+    run = lambda argv, at, out: mp.spawn(_signal_worker, args=(2, _free_port(), argv, at, pipeline, str(out)), nprocs=2)
+    extra = ("--pipeline", "--stages", "2,2") if pipeline else ()
+    argv = lambda ck, *x: _run_argv(cifar_dir, ck, *extra, *x)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    full, ck = str(tmp_path / "a" / "ck.pt"), str(tmp_path / "b" / "ck.pt")
+    run(argv(full), None, tmp_path / "a")
+    run(argv(ck, "--save-every", "3"), 6, tmp_path / "b")               # (epoch 2 of 4-step epochs)
+    assert [open(tmp_path / "b" / f"exit_{r}").read() for r in (0, 1)] == ["143", "143"]
+    stopped = torch.load(ck, weights_only=False)                      # (rank 0 decides a pipeline's stop when it
+    assert stopped["epoch"] == 1 and stopped["progress"]["step"] == (3 if pipeline else 2)   # sends the next batch)
+    run(argv(ck, "--resume", ck), None, tmp_path / "b")
+    assert json.load(open(tmp_path / "b" / "result_0.json")) == json.load(open(tmp_path / "a" / "result_0.json"))
+    a, b = _state(full), _state(ck)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _workers_of(pid):
+    """The python processes started by the torchrun agent `pid` (Linux /proc)."""
+    kids = []
+    for d in os.listdir("/proc"):
+        with contextlib.suppress(OSError, IndexError):
+            if d.isdigit() and open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1] == str(pid):
+                kids.append(int(d))
+    return kids
+
+
+def test_elastic_restart_resumes_by_itself(cifar_dir, tmp_path):
+    """torchrun --max-restarts=1: one rank is killed mid-epoch; the restarted group picks its --save checkpoint up
+    by itself and ends with the weights of an uninterrupted run."""
+    full, ck = str(tmp_path / "full.pt"), str(tmp_path / "ck.pt")
+    r = _torchrun(*_run_argv(cifar_dir, full))
+    assert r.returncode == 0, r.stderr[-2000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           os.path.join(HERE, "local_learning.py"), *_run_argv(cifar_dir, ck, "--save-every", "1")]
+    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+    _wait_for_step(ck, 2, agent)
+    workers = _workers_of(agent.pid)
+    assert len(workers) == 2, "the run ended before a worker could be killed"
+    os.kill(max(workers), signal.SIGKILL)
+    out, err = agent.communicate(timeout=300)
+    assert agent.returncode == 0 and "restart 1: resuming from " + ck in out, err[-2000:]
+    a, b = _state(full), _state(ck)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: torch.save({}, p), "not a checkpoint of local_learning.py (missing net"),
+    (lambda p: torch.save(torch.zeros(3), p), "not a checkpoint of local_learning.py (a Tensor)"),
+    (lambda p: (lambda ck: (ck.pop("opt"), torch.save(ck, p)))(torch.load(p, weights_only=False)), "missing opt"),
+    (lambda p: (lambda ck: (ck["net"].pop("units.3.conv1.weight"), torch.save(ck, p)))(torch.load(p, weights_only=False)),
+     "does not fit this run"),
+    (lambda p: open(p, "wb").write(b"garbage"), "cannot read the checkpoint")])
+def test_bad_checkpoints_are_one_line(cifar_dir, tmp_path, capsys, make, message):
+    ck = str(tmp_path / "c.pt")
+    L.main(train_args(cifar_dir, "--method", "dgl", "--K", "4", "--save", ck))
+    make(ck)
+    capsys.readouterr()
+    code, err = main_error(train_args(cifar_dir, "--method", "dgl", "--K", "4", "--resume", ck), capsys)
+    assert code == 2 and err.startswith(f"error: --resume {ck}") and message in err and "\n" not in err, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--save", "DIR"), "--save DIR: not a regular file"), (("--out", "DIR"), "--out DIR: not a regular file"),
+    (("--save", "/proc/ck.pt"), "--save /proc/ck.pt: cannot write there"),
+    (("--out", "/proc/r.jsonl"), "--out /proc/r.jsonl: cannot write there"),
+    (("--resume", "DIR"), "no such file"), (("--data-dir", "FILE"), "not a folder"),
+    (("--workers", "-1"), "--workers must be >= 0"), (("--log-secs", "-1"), "--log-secs must be >= 0"),
+    (("--save-every", "2"), "--save-every N saves to --save PATH"), (("--lr", "nan"), "--lr must be a finite number"),
+    (("--wd", "inf"), "--wd must be a finite number"), (("--method", "man", "--ema-decay", "nan"), "--ema-decay"),
+    (("--epochs", "1", "--warmup-epochs", "0"), "every epoch trains at lr 0")])
+def test_paths_and_values_are_checked_before_any_work(argv, message, tmp_path, capsys):
+    (tmp_path / "FILE").write_text("x")
+    (tmp_path / "DIR").mkdir()
+    argv = [str(tmp_path / a) if a in ("DIR", "FILE") else a for a in argv]
+    code, err = main_error(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--no-download", *argv], capsys)
+    message = message.replace("DIR", str(tmp_path / "DIR"))
+    assert code == 2 and err.startswith("error:") and message in err and "\n" not in err, err
+
+
+def test_silent_mistakes_are_said(cifar_dir, tmp_path, capsys):
+    """A schedule that never reaches its lr is warned about; the default lr follows the batch (0.8 at 1024); a
+    finished run resumed adds no line; results record every setting and where they were made."""
+    values, out = _printed_config(["--method", "dgl", "--batch-size", "64", "--epochs", "3"], capsys)
+    assert values["lr"] == 0.05 and "0.8 at batch 1024 x 64/1024" in out[1]
+    assert any(l.startswith("warning: the schedule never exceeds lr") for l in out)
+    res, ck = tmp_path / "r.jsonl", str(tmp_path / "c.pt")
+    r = L.main(train_args(cifar_dir, "--method", "dgl", "--K", "4", "--save", ck, "--out", str(res)))
+    assert r["config"]["warmup_epochs"] == 10 and r["config"]["dgl_head"] == "dgl"
+    assert set(r["provenance"]) == {"code_sha256", "torch", "device_name"} and len(r["provenance"]["code_sha256"]) == 64
+    again = L.main(train_args(cifar_dir, "--method", "dgl", "--K", "4", "--resume", ck, "--out", str(res)))
+    assert len(res.read_text().splitlines()) == 1 and again["final_acc"] == r["final_acc"]
+    assert "the run had finished" in capsys.readouterr().out
+    c = torch.load(ck, weights_only=False)
+    c["provenance"]["code_sha256"] = "0" * 64
+    torch.save(c, ck)
+    L.main(train_args(cifar_dir, "--method", "dgl", "--K", "4", "--resume", ck))
+    assert "warning: local_learning.py has changed since" in capsys.readouterr().out
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_the_run(cifar_dir, tmp_path, capsys, monkeypatch):
+    ck = str(tmp_path / "c.pt")
+    L.main(train_args(cifar_dir, "--method", "dgl", "--K", "4", "--save", ck))
+    before = _state(ck)
+    real = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos: No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    r = L.main(train_args(cifar_dir, "--method", "dgl", "--K", "4", "--save", ck, "--seed", "1"))
+    monkeypatch.setattr(torch, "save", real)
+    err = capsys.readouterr().err
+    assert r["final_acc"] is not None and f"warning: --save {ck}: not written (RuntimeError" in err
+    assert all(torch.equal(a, b) for a, b in zip(before.values(), _state(ck).values()))
+    assert os.listdir(tmp_path) == ["c.pt"]                              # (no temporary file left behind)
+
+
+def test_data_faults_are_one_line(tmp_path, capsys):
+    from PIL import Image
+    root = tmp_path / "c"
+    write_cifar10(str(root))
+    path = root / "cifar-10-batches-py" / "data_batch_2"
+    d = pickle.load(open(path, "rb"), encoding="latin1")
+    d["labels"][0] = 99
+    pickle.dump(d, open(path, "wb"))
+    code, err = main_error(["--dataset", "cifar10", "--data-dir", str(root), "--no-download", "--epochs", "2"], capsys)
+    assert code == 2 and "training labels [99] outside 0..9" in err
+    one = tmp_path / "one"
+    for split in ("train", "val"):
+        os.makedirs(one / split / "cat")
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(one / split / "cat" / "0.png")
+    code, err = main_error(["--dataset", "folder", "--data-dir", str(one), "--epochs", "2"], capsys)
+    assert code == 2 and "has one class (cat)" in err
+    os.makedirs(one / "train" / "dog")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(one / "train" / "dog" / "0.png")
+    os.mkfifo(one / "train" / "dog" / "1.png")                           # a FIFO would block the reader
+    r = L.main(["--dataset", "folder", "--data-dir", str(one), "--epochs", "2", "--batch-size", "2",
+                "--warmup-epochs", "0"])
+    assert r["config"]["dataset"] == "folder" and r["history"][-1]["epoch"] == 2
+
+
+def test_report_skips_unusable_lines_and_groups_by_configuration(tmp_path, capsys):
+    good = [_result("dgl", 0, 85.0), _result("dgl", 1, 87.0), dict(_result("dgl", 0, 70.0), config=dict(lr=0.1))]
+    good[0]["config"] = good[1]["config"] = dict(lr=0.8, seed=0)
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b"\n".join([json.dumps(r).encode() for r in good] + [b"\xff\xfe not utf-8", b"[1, 2]",
+                                                                            b'{"method": "dgl"}']) + b"\n")
+    lines = L.main(["--report", str(path)]).splitlines()
+    assert "skipped 3 unusable line(s) [4, 5, 6]" in capsys.readouterr().err
+    assert "| dgl lr=0.8 | 14.00 ± 1.41 (best 14.00 ± 1.41; n=2) |" in lines     # (seeds 0 and 1 of one config)
+    assert "| dgl lr=0.1 | 30.00 ± 0.00 (best 30.00 ± 0.00; n=1) |" in lines
+    path.write_bytes(b"[1]\n{}\n")
+    code, err = main_error(["--report", str(path)], capsys)
+    assert code == 2 and "no usable training runs" in err
+
+
 
 # ----------------------------------------------------------------------------------------------------- Python API
 
@@ -2038,7 +2293,12 @@ def test_readme_api_snippet_runs_as_written(tmp_path):
                        env=dict(os.environ, PYTHONPATH=HERE))
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
-    assert lines[0].startswith("step  0") and lines[-1].startswith("activation peak")
+    assert lines[0].startswith("steps  0-9") and lines[-1].startswith("activation peak")
+    shown = open(os.path.join(HERE, "README.md")).read().split("The snippet above prints", 1)[1]
+    shown = shown.split("```\n", 1)[1].split("```", 1)[0].splitlines()       # (seeded: what README shows)
+    number = lambda line: [float(w) for w in line.split() if w.replace(".", "", 1).isdigit()]
+    assert [l.split("loss")[0] for l in lines] == [l.split("loss")[0] for l in shown]
+    assert all(a == pytest.approx(b, abs=0.02) for l, m in zip(lines, shown) for a, b in zip(number(l), number(m)))
 
 
 def torchvision_resnet18(K, size=32, block=None):
