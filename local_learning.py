@@ -2765,7 +2765,13 @@ def join_torchrun(device, pipeline, sync_bn):
             raise RankError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s) on this node")
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        # torchrun --max-restarts keeps one store for every attempt (pytorch/pytorch#135712): a restarted rank can
+        # read the address a dead rank of the previous attempt published and fail or hang connecting to it. Keys
+        # under a prefix per attempt keep the attempts apart.
+        store, rank, world = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", rank=rank, world_size=world,
+                                store=dist.PrefixStore(f"local_learning/attempt_{attempt}", store))
     return torch.device("cuda", local) if kind == "cuda" else torch.device("cpu")
 
 
@@ -3946,6 +3952,18 @@ def main(argv=None):
         if rank == "0" or isinstance(e, RankError):
             print(f"error: {'' if rank == '0' else f'rank {rank}: '}{e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except RuntimeError as e:                              # a collective with a process that died (torchrun)
+        if not (dist.is_available() and dist.is_initialized() and peer_failure(e)):
+            raise
+        why = str(e).splitlines()[0].split("] ", 1)[-1].split(". ")[0][:100]   # (without gloo's source location)
+        print(f"error: rank {dist.get_rank()}: a collective failed, most likely because another process died "
+              f"({why}); the last checkpoint written is kept", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def peer_failure(e):
+    """Whether a RuntimeError comes from the communication backend (gloo or NCCL), not from our code."""
+    return isinstance(e, dist.DistError) or any(w in str(e) for w in ("gloo", "Gloo", "NCCL", "Connection closed"))
 
 
 if __name__ == "__main__":

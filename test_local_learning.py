@@ -908,10 +908,11 @@ def _write_bad_files(root):
     with open(os.path.join(root, "t", "stl10_binary", "train_X.bin"), "ab") as f:
         f.write(b"xyz")
     for split in ("train", "val"):
-        d = os.path.join(root, "f", split, "cat")
-        os.makedirs(d)
-        for i in range(3):
-            Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(os.path.join(d, f"{i}.png"))
+        for c in ("cat", "dog"):                      # (two classes: a one-class folder is refused before decoding)
+            d = os.path.join(root, "f", split, c)
+            os.makedirs(d)
+            for i in range(3):
+                Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(os.path.join(d, f"{i}.png"))
     with open(os.path.join(root, "f", "val", "cat", "1.png"), "wb") as f:
         f.write(b"not a png")
 
@@ -1879,20 +1880,6 @@ def _main_worker(rank, world, port, argv, crash_epoch, out):
             dist.destroy_process_group()
 
 
-def test_data_parallel_resume_equals_uninterrupted(cifar_dir, tmp_path):
-    import torch.multiprocessing as mp
-    run = lambda argv, crash, out: mp.spawn(_main_worker, args=(2, _free_port(), argv, crash, str(out)), nprocs=2)
-    argv = train_args(cifar_dir, "--method", "man", "--base", "dgl", "--K", "4", "--epochs", "3", "--warmup-epochs", "1")
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    run(argv, None, tmp_path / "a")
-    ck = str(tmp_path / "b" / "ck.pt")
-    run(argv + ["--save", ck], 3, tmp_path / "b")
-    assert torch.load(ck, weights_only=False)["epoch"] == 2
-    run(argv + ["--save", ck, "--resume", ck], None, tmp_path / "b")
-    full = json.load(open(tmp_path / "a" / "result_0.json"))
-    assert json.load(open(tmp_path / "b" / "result_0.json")) == full == json.load(open(tmp_path / "b" / "result_1.json"))
-
-
 # ------------------------------------------------------------------------------------------------------- pipeline
 
 
@@ -1950,43 +1937,6 @@ def test_pipeline_equals_sequential_bit_for_bit(cifar_dir, tmp_path, S, stages):
         assert [h["test_acc"] for h in a["history"]] == [h["test_acc"] for h in b["history"]] == \
             [h["test_acc"] for h in seq["history"]], n
         assert [h["loss"] for h in a["history"]] == pytest.approx([h["loss"] for h in b["history"]], rel=1e-6), n
-
-
-def _pipe_crash_worker(rank, world, port, argv, crash_at_eval):
-    """Like _pipe_worker, interrupted (on every stage) at evaluation number `crash_at_eval` (None: not at all)."""
-    real, calls = L.Pipeline.evaluate, []
-
-    def crash(self):
-        calls.append(1)
-        if len(calls) == crash_at_eval:
-            raise KeyboardInterrupt
-        return real(self)
-
-    L.Pipeline.evaluate = crash
-    try:
-        _pipe_worker(rank, world, port, [argv])
-    except KeyboardInterrupt:
-        pass
-    finally:
-        L.Pipeline.evaluate = real
-
-
-def test_pipeline_resume_equals_uninterrupted(cifar_dir, tmp_path):
-    import torch.multiprocessing as mp
-    run = lambda argv, crash: mp.spawn(_pipe_crash_worker, args=(2, _free_port(), argv, crash), nprocs=2)
-    argv = lambda ck, *x: train_args(cifar_dir, "--method", "man", "--base", "dgl", "--K", "8", "--epochs", "3",
-                                     "--warmup-epochs", "1", "--pipeline", "--stages", "3,5", "--save", ck, *x)
-    a, b = str(tmp_path / "a.pt"), str(tmp_path / "b.pt")
-    run(argv(a), None)
-    run(argv(b), 2)                                       # stopped in epoch 2: the checkpoint holds epoch 1
-    assert torch.load(b, weights_only=False)["epoch"] == 1
-    resume = [v for v in argv(b, "--resume", b) if v not in ("--stages", "3,5")]
-    run(resume, None)                                     # (the saved stages, without --stages)
-    ca, cb = torch.load(a, weights_only=False), torch.load(b, weights_only=False)
-    keep = lambda h: [(r["epoch"], r["loss"], r["train_acc"], r["test_acc"], r["aux_acc"]) for r in h]
-    assert keep(ca["history"]) == keep(cb["history"]) and ca["epoch"] == cb["epoch"] == 3
-    for who in ("net", "method"):
-        assert all(torch.equal(ca[who][k], cb[who][k]) for k in ca[who])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -2115,11 +2065,11 @@ def _signal_worker(rank, world, port, argv, signal_at, pipeline, out):
 @pytest.mark.parametrize("pipeline", [False, True])
 def test_signal_under_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(cifar_dir, tmp_path, pipeline):
     """2 gloo processes, data parallel or 2 pipeline stages: SIGTERM reaches rank 0 alone in epoch 2; both ranks
-    stop after the same step (exit 143), rank 0 writes the one checkpoint, and the resumed run equals an
-    uninterrupted one, parameter for parameter."""
+    stop after the same step (exit 143), rank 0 writes the one checkpoint, and the resumed run (a pipeline without
+    --stages: the saved cut) equals an uninterrupted one, parameter for parameter."""
     import torch.multiprocessing as mp
     run = lambda argv, at, out: mp.spawn(_signal_worker, args=(2, _free_port(), argv, at, pipeline, str(out)), nprocs=2)
-    extra = ("--pipeline", "--stages", "2,2") if pipeline else ()
+    extra = ("--pipeline", "--stages", "1,3") if pipeline else ()      # (not the balanced cut 2,2)
     argv = lambda ck, *x: _run_argv(cifar_dir, ck, *extra, *x)
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     full, ck = str(tmp_path / "a" / "ck.pt"), str(tmp_path / "b" / "ck.pt")
@@ -2128,8 +2078,10 @@ def test_signal_under_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(
     assert [open(tmp_path / "b" / f"exit_{r}").read() for r in (0, 1)] == ["143", "143"]
     stopped = torch.load(ck, weights_only=False)                      # (rank 0 decides a pipeline's stop when it
     assert stopped["epoch"] == 1 and stopped["progress"]["step"] == (3 if pipeline else 2)   # sends the next batch)
-    run(argv(ck, "--resume", ck), None, tmp_path / "b")
+    resume = [v for v in argv(ck, "--resume", ck) if v not in ("--stages", "1,3")]
+    run(resume, None, tmp_path / "b")                                 # (a pipeline: the saved stages, 1,3)
     assert json.load(open(tmp_path / "b" / "result_0.json")) == json.load(open(tmp_path / "a" / "result_0.json"))
+    assert not pipeline or torch.load(ck, weights_only=False)["stages"] == [1, 3]
     a, b = _state(full), _state(ck)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -2160,6 +2112,7 @@ def test_elastic_restart_resumes_by_itself(cifar_dir, tmp_path):
     os.kill(max(workers), signal.SIGKILL)
     out, err = agent.communicate(timeout=300)
     assert agent.returncode == 0 and "restart 1: resuming from " + ck in out, err[-2000:]
+    assert "Traceback" not in err and err.count("error: rank 0: a collective failed") <= 1, err[-2000:]
     a, b = _state(full), _state(ck)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -2298,7 +2251,8 @@ def test_readme_api_snippet_runs_as_written(tmp_path):
     shown = shown.split("```\n", 1)[1].split("```", 1)[0].splitlines()       # (seeded: what README shows)
     number = lambda line: [float(w) for w in line.split() if w.replace(".", "", 1).isdigit()]
     assert [l.split("loss")[0] for l in lines] == [l.split("loss")[0] for l in shown]
-    assert all(a == pytest.approx(b, abs=0.02) for l, m in zip(lines, shown) for a, b in zip(number(l), number(m)))
+    assert all(a == pytest.approx(b, abs=0.1) for l, m in zip(lines, shown) for a, b in zip(number(l), number(m)))
+    assert lines[-1] == shown[-1]                                      # the activation bytes do not vary
 
 
 def torchvision_resnet18(K, size=32, block=None):
@@ -2412,7 +2366,7 @@ def tiny_resnet(ends=(1, 2, 3)):
 
 
 @pytest.mark.parametrize("method, opts, backend", [
-    ("dgl", {}, "inductor"),                         # the real thing once (its C++ kernels take ~30 s on this CPU)
+    ("dgl", {}, "inductor"),                         # the real thing once
     ("bp", {}, "aot_eager"), ("infopro", dict(local_loss="cross_entropy"), "aot_eager"),
     ("auglocal", dict(aux_depth=1), "aot_eager"), ("man", dict(base="infopro"), "aot_eager")])
 def test_compiled_steps_equal_eager(method, opts, backend):
@@ -2420,7 +2374,8 @@ def test_compiled_steps_equal_eager(method, opts, backend):
     equals the eager run's (aot_eager: the Dynamo capture and compiled backward, without Inductor's code)."""
     states = []
     for compiled in (False, True):
-        net = tiny_resnet((3,) if method == "bp" else (1, 2, 3))
+        net = tiny_resnet((3,) if method == "bp" else (1, 3) if backend == "inductor" else (1, 2, 3))   # (2 modules:
+        # Inductor's C++ kernels are compiled for every distinct graph, ~6 s each on this CPU)
         m = L.attach(net, method, **opts)
         net.double(), m.double()
         opt = L.make_sgd([*net.parameters(), *m.parameters()], 0.05, 1e-4)
