@@ -2398,10 +2398,11 @@ class ActivationMeter:
 
 
 def state_bytes(params, opt):
-    """Bytes of parameters, their gradients and the optimizer state (momentum buffers)."""
+    """Bytes of parameters, their gradients and the optimizer state (momentum buffers). Gradients: one per trainable
+    parameter, as at the optimizer step (zero_grad(set_to_none) frees them between steps, so .grad may be None)."""
     params = list(params)
     p = sum(t.numel() * t.element_size() for t in params)
-    g = sum(t.grad.numel() * t.grad.element_size() for t in params if t.grad is not None)
+    g = sum(t.numel() * t.element_size() for t in params if t.requires_grad)
     o = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
     return dict(param_bytes=p, grad_bytes=g, opt_state_bytes=o)
 
