@@ -3964,7 +3964,7 @@ def main(argv=None):
 
 def peer_failure(e):
     """Whether a RuntimeError comes from the communication backend (gloo or NCCL), not from our code."""
-    return isinstance(e, dist.DistError) or any(w in str(e) for w in ("gloo", "Gloo", "NCCL", "Connection closed"))
+    return isinstance(e, dist.DistError) or any(w in str(e).lower() for w in ("gloo", "nccl", "connection closed"))
 
 
 if __name__ == "__main__":
