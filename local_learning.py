@@ -135,13 +135,17 @@ def _what_to_train(a):
     a("--subset", type=int, default=0, help="train on the first N training images only (0 = all; for folder "
       "trees, which list images class by class, N images drawn with a fixed seed)")
     a("--no-augment", action="store_true", help="disable training augmentation (crop/flip)")
-    a("--arch", default="resnet32", choices=sorted(ARCHS, key=lambda s: (ARCHS[s][0], int(s[6:]))),
-      help="backbone: CIFAR ResNets resnet20/32/44/56/110 or torchvision-style ImageNet ResNets")
+    a("--arch", default="resnet32", choices=sorted(ARCHS, key=lambda s: (ARCHS[s][0], int(s[6:]))) + list(VITS),
+      help="backbone: CIFAR ResNets resnet20/32/44/56/110, torchvision-style ImageNet ResNets, or the Vision "
+           "Transformers vit_tiny/small/base (patch 4 at 32 px, 8 at 96 px, 16 at 224 px; their own protocol)")
     a("--base", default=None,
       help="what an add-on wraps: --method man --base infopro|dgl (default infopro), --method mlaan --base "
            "greedy|dgl|infopro (default greedy, the official train.py's model); --method sgr --base any method, "
            "add-ons as a chain, e.g. man+dgl (default infopro)")
-    a("--K", type=int, default=None, help="number of gradient-isolated modules (default: 1 for bp, else 16)")
+    a("--K", type=int, default=None, help="number of gradient-isolated modules (default: 1 for bp, else 16; "
+      "ViTs: 4)")
+    a("--ends", default=None, metavar="E1,E2,...", help="the split as the unit index at which each module ends (unit "
+      "0 = the stem or patch embedding; the last = the final unit), instead of --K's table or even split")
     a("--balanced-memory", action="store_true",
       help="InfoPro* split tables (ResNet-110 on cifar10/stl10, K=2,3,4): fewer blocks in early modules")
     a("--print-splits", action="store_true", help="print which blocks each module owns and the aux-net "
@@ -161,7 +165,11 @@ def _how_to_train(a):
       "(CIFAR, SVHN), 128 (STL-10); imagenet: the method's paper (e.g. 256)")
     a("--lr", type=float, default=None, help="initial learning rate (default 0.8 at batch 1024, 0.1 at 128; "
       "imagenet: the method's paper)")
-    a("--wd", type=float, default=1e-4, help="SGD weight decay, applied to every parameter as in the originals")
+    a("--optimizer", default=None, choices=["sgd", "adamw"], help="one optimizer over backbone and aux nets: sgd "
+      "(Nesterov momentum 0.9, the ResNet originals') or adamw (betas 0.9/0.999, eps 1e-8, the ViT original's); "
+      "default: sgd on ResNets, adamw on ViTs")
+    a("--wd", type=float, default=None, help="weight decay, applied to every parameter as in the originals (default "
+      "1e-4 with sgd, 0.05 with adamw)")
     a("--warmup-epochs", type=int, default=None,
       help="linear warm-up epochs of the per-epoch cosine schedule (default 10, the CIFAR originals; 0 on ImageNet)")
     a("--seed", type=int, default=0, help="random seed (CPU runs are bit-for-bit deterministic)")
@@ -216,25 +224,40 @@ PROTOCOLS = {
 }
 
 
+# The official ViT protocol (MAN++'s imagenet_DDP_vit.py and imagenet_DDP_vit_bp.py): AdamW with weight decay 0.05
+# on every parameter, lr 1e-3 for the global batch 1024 (128 x 8 GPUs), 90 epochs, per-epoch cosine from epoch 0, no
+# warm-up. ViT runs use it whatever the method and the dataset (there is no other ViT protocol to reproduce).
+VIT_PROTOCOL = dict(batch_size=1024, lr=1e-3, epochs=90, warmup_epochs=0, optimizer="adamw")
+
+
 def protocol_defaults(args, spec, chain):
-    """Fill batch, lr, epochs, warm-up and the protocol's method options (AugLocal's pyramid) that were not given:
-    from the protocol of the paper the run reproduces (--protocol, else the method's own), else the dataset's. The
-    default lr follows the batch linearly from the protocol's (lr0 * B / B0). Returns {flag: where it came from}."""
+    """Fill batch, lr, epochs, warm-up, the optimizer and the protocol's method options (AugLocal's pyramid) that were
+    not given: from the protocol of the paper the run reproduces (--protocol, else the method's own; on ViTs the
+    ViT protocol), else the dataset's. The default lr follows the batch linearly from the protocol's (lr0 * B / B0).
+    Returns {flag: where it came from}."""
     imagenet = spec.schedule == "imagenet"
-    if imagenet:   # (the outermost method of the chain that has an ImageNet protocol)
+    if args.arch in VITS:
+        owner, proto, label = None, VIT_PROTOCOL, "the official ViT protocol (MAN++)"
+    elif imagenet:   # (the outermost method of the chain that has an ImageNet protocol)
         owner = args.protocol or next((n for n in chain if METHODS[n].imagenet_protocol), None)
         proto = dict(METHODS[owner].imagenet_protocol or {}) if owner else {}
+        label = f"{owner}'s ImageNet protocol"
     else:
         owner = args.protocol or METHODS[args.method].protocol
         proto = {k: v for k, v in PROTOCOLS[owner].items() if k != "pyramid" or "auglocal" in chain}
-    base = {**dict(batch_size=spec.batch, lr=spec.lr, epochs=spec.epochs, warmup_epochs=0 if imagenet else 10), **proto}
-    where = lambda key: ((f"{owner}'s ImageNet protocol" if imagenet else f"{owner} protocol") if key in proto else
-                         "ImageNet defaults" if imagenet else f"{spec.name} defaults of the InfoPro protocol")
+        label = f"{owner} protocol"
+    base = {**dict(batch_size=spec.batch, lr=spec.lr, epochs=spec.epochs, warmup_epochs=0 if imagenet else 10,
+                   optimizer="sgd"), **proto}
+    where = lambda key: label if key in proto else "ImageNet defaults" if imagenet else \
+        f"{spec.name} defaults of the InfoPro protocol"
     sources = {}
-    for key in ("batch_size", "epochs", "warmup_epochs", "pyramid"):
+    for key in ("batch_size", "epochs", "warmup_epochs", "pyramid", "optimizer"):
         if getattr(args, key) is None and key in base:
             setattr(args, key, base[key])
             sources[key] = where(key)
+    if args.wd is None:
+        args.wd, sources["wd"] = (0.05, "adamw's, the ViT protocol") if args.optimizer == "adamw" else \
+            (1e-4, "sgd's, the ResNet originals")
     if args.lr is None and isinstance(args.batch_size, int):
         args.lr = base["lr"] * args.batch_size / base["batch_size"]
         scaled = args.batch_size != base["batch_size"]
@@ -312,9 +335,16 @@ def resolve_config(args):
         if args.norm:
             raise UserError("--norm applies to --dataset folder only")
         spec = DATASETS[args.dataset]
-    chain = method_chain(args.method, args.base)          # unknown or incompatible names fail here, in one line
+    if args.arch in VITS:                                 # (the ViT protocol's cosine counts from epoch 0)
+        if args.protocol or args.balanced_memory:
+            raise UserError(f"--{'protocol' if args.protocol else 'balanced-memory'} applies to ResNets; ViTs train "
+                            f"under the official ViT protocol")
+        spec = replace(spec, schedule="imagenet")
+    chain = method_chain(args.method, args.base, args.arch)   # unknown or incompatible names fail here, in one line
     args.base = "+".join(chain[1:]) or None
-    args.K = METHODS[args.method].default_K if args.K is None else args.K
+    args.ends = parse_ends(args.ends, args.K)
+    default_K = 4 if args.arch in VITS and METHODS[args.method].default_K > 1 else METHODS[args.method].default_K
+    args.K = len(args.ends) if args.ends else default_K if args.K is None else args.K
     args.sources = protocol_defaults(args, spec, chain)
     check_values(args)
     check_paths(args)
@@ -329,6 +359,19 @@ def resolve_config(args):
                           arch=args.arch, K=args.K, balanced_memory=args.balanced_memory, amp=args.amp,
                           sync_bn=args.sync_bn)
     return args, replace(spec, augment=not args.no_augment), opts
+
+
+def parse_ends(text, K):
+    """--ends "3,6,9,12" -> [3, 6, 9, 12] (checked against --K if both are given; LocalNet checks the rest)."""
+    if text is None or isinstance(text, list):
+        return text
+    try:
+        ends = [int(e) for e in text.split(",")]
+    except ValueError:
+        raise UserError(f"--ends {text}: unit indices separated by commas, e.g. 3,6,9,12")
+    if K is not None and K != len(ends):
+        raise UserError(f"--ends {text} makes {len(ends)} modules but --K is {K}: give one of the two")
+    return ends
 
 
 def pick_device(name):
@@ -797,9 +840,15 @@ ARCHS.update(resnet18=("imagenet", BasicBlock, [2, 2, 2, 2]), resnet34=("imagene
              resnet152=("imagenet", Bottleneck, [3, 8, 36, 3]))
 
 
+# Vision Transformers, as MAN++'s ViT code builds them (JunhaoSu0/MAN_PlusPlus Exp_on_ImageNet/networks/vit_man.py):
+# name -> (width D, heads); all have 12 blocks and MLP ratio 4.
+VITS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}
+VIT_DEPTH = 12
+
+
 def family(arch):
-    """'cifar' or 'imagenet' for our ResNets, None for any other backbone."""
-    return ARCHS[arch][0] if arch in ARCHS else None
+    """'cifar' or 'imagenet' for our ResNets, 'vit' for our ViTs, None for any other backbone."""
+    return ARCHS[arch][0] if arch in ARCHS else "vit" if arch in VITS else None
 
 
 # Published split tables, boundaries [stage, block] after which a module ends (K-1 of them; [0, 0] = the stem
@@ -851,6 +900,8 @@ def split_ends(arch, K, balanced=False, dataset=""):
     Published tables are used verbatim where they exist. Elsewhere the split is even by block count: the stem
     joins module 1 and the B blocks are dealt out as evenly as possible, the remainder going to the *last*
     modules (their feature maps are smaller, as in the published tables); K = B + 1 puts the stem alone."""
+    if arch in VITS:
+        return vit_ends(arch, K)
     blocks = ARCHS[arch][2]
     B = sum(blocks)
     if K < 1 or K > B + 1:
@@ -869,6 +920,14 @@ def split_ends(arch, K, balanced=False, dataset=""):
     else:
         return [e + 1 for e in even_split(B, K)]   # (block j is unit j: the stem is unit 0)
     return [0 if s == 0 else 1 + sum(blocks[:s - 1]) + b for s, b in bounds] + [B]
+
+
+def vit_ends(arch, K):
+    """A ViT's K modules: K groups of 12/K blocks, the patch embedding with the first (the official code: K = 4)."""
+    if K < 1 or VIT_DEPTH % K:
+        raise UserError(f"--K {K}: {arch}'s {VIT_DEPTH} blocks split evenly into K = 1, 2, 3, 4, 6 or 12 groups "
+                        f"(the official ViT code: 4); give any other split as unit ends with --ends")
+    return [VIT_DEPTH // K * (g + 1) for g in range(K)]
 
 
 def unit_position(arch, i):
@@ -931,6 +990,86 @@ def resnet(arch, num_classes):
     return units, Head(cin, num_classes)
 
 
+def vit_patch(size):
+    """Patch side for S x S images: 4 at 32 px (CIFAR, SVHN), 8 at 96 px (STL-10), 16 at 224 px (ImageNet): 8 x 8,
+    12 x 12 and 14 x 14 patches."""
+    patch = 4 if size <= 32 else 8 if size <= 96 else 16
+    if size % patch:
+        raise UserError(f"a ViT on {size} px images: the side must be a multiple of its patch ({patch} px)")
+    return patch
+
+
+class PatchEmbed(nn.Module):
+    """Unit 0 of our ViTs: p x p patches projected to D (a p x p conv of stride p), LayerNorm-ed (the official
+    PatchEmbed's norm layer), a learned CLS token in front, learned position embeddings added:
+    B x 3 x S x S -> B x (1 + (S/p)^2) x D tokens."""
+
+    def __init__(self, dim, size, patch):
+        super().__init__()
+        self.proj, self.norm = nn.Conv2d(3, dim, patch, patch), nn.LayerNorm(dim, eps=1e-6)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.zeros(1, (size // patch) ** 2 + 1, dim))
+
+    def forward(self, x):
+        x = self.norm(self.proj(x).flatten(2).transpose(1, 2))
+        return torch.cat([self.cls.expand(len(x), -1, -1), x], 1) + self.pos
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)); LayerNorm eps 1e-6, qkv with bias, MLP
+    D -> 4D -> D with GELU; no dropout or drop-path (0 in the official runs). Attention softmax(q k^T / sqrt(d)) v
+    is PyTorch's scaled_dot_product_attention (fused kernels; the official code writes it out, same values)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.n1, self.qkv, self.proj = nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.n2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(self.n1(x)).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+        return x + self.mlp(self.n2(x))
+
+
+class TokenHead(nn.Module):
+    """LayerNorm -> Linear on the CLS token (token 0): the head of our ViTs, and Greedy SL's aux net on them."""
+
+    def __init__(self, dim, num_classes):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, num_classes)
+
+    def forward(self, h):
+        return self.fc(self.norm(h[:, 0]))
+
+
+def init_vit(module):
+    """The official ViT init, for backbone and aux nets alike: Linear weights trunc-normal(0.02) with zero biases,
+    the CLS token and position embeddings trunc-normal(0.02); the patch conv and the norms keep PyTorch's."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, PatchEmbed):
+            nn.init.trunc_normal_(m.cls, std=0.02)
+            nn.init.trunc_normal_(m.pos, std=0.02)
+
+
+def vit(arch, num_classes, image_size):
+    """(units, head) of one of our ViTs: unit 0 the patch embedding, then the 12 blocks; the head on CLS."""
+    dim, heads = VITS[arch]
+    return [PatchEmbed(dim, image_size, vit_patch(image_size))] + [ViTBlock(dim, heads) for _ in range(VIT_DEPTH)], \
+        TokenHead(dim, num_classes)
+
+
+def our_init(arch):
+    """The init of our backbones and their aux nets: ResNets He (init_weights), ViTs trunc-normal (init_vit)."""
+    return init_vit if arch in VITS else init_weights
+
+
 class LocalNet(nn.Module):
     """Any network as a flat list of units plus a head, split into K gradient-isolated modules.
 
@@ -948,8 +1087,8 @@ class LocalNet(nn.Module):
         self.block = ARCHS[arch][1] if arch in ARCHS else block   # AugLocal builds its aux nets from this factory
         self.input_shape = tuple(example_input.shape[1:])
         x = example_input
-        if arch in ARCHS:
-            init_weights(self)
+        if family(arch):
+            our_init(arch)(self)
         with torch.no_grad():   # output shape (without the batch dimension) of every unit
             was = self.training
             self.eval()
@@ -965,6 +1104,12 @@ class LocalNet(nn.Module):
     def resnet(cls, arch, num_classes, ends, image_size):
         """One of our ResNets (ARCHS) on image_size x image_size inputs."""
         units, head = resnet(arch, num_classes)
+        return cls(units, head, ends, torch.zeros(1, 3, image_size, image_size), arch)
+
+    @classmethod
+    def vit(cls, arch, num_classes, ends, image_size):
+        """One of our ViTs (VITS) on image_size x image_size inputs."""
+        units, head = vit(arch, num_classes, image_size)
         return cls(units, head, ends, torch.zeros(1, 3, image_size, image_size), arch)
 
     def set_split(self, ends):
@@ -989,7 +1134,9 @@ class LocalNet(nn.Module):
         return 1 + sum(self.unit_shapes[j] != self.unit_shapes[j - 1] for j in range(2, i + 1))
 
     def unit_name(self, i):
-        """stem, L<stage>.<block> for our ResNets; u<i> for any other backbone."""
+        """stem, L<stage>.<block> for our ResNets; embed, B<block> for our ViTs; u<i> for any other backbone."""
+        if self.arch in VITS:
+            return f"B{i - 1}" if i else "embed"
         if self.arch not in ARCHS:
             return f"u{i}"
         s, b = unit_position(self.arch, i)
@@ -1170,17 +1317,17 @@ def supcon_loss(z, y, temperature=0.07):
     return -((log_prob * pos).sum(1) / pos.sum(1).clamp(min=1)).mean()
 
 
-def fresh_copy(unit, init="random", our_init=True):
-    """A new unit with `unit`'s architecture: re-initialised (every layer's reset, then our He init where the
-    backbone is one of ours) or, with init="copy", a copy of its current weights."""
+def fresh_copy(unit, init="random", reinit=init_weights):
+    """A new unit with `unit`'s architecture: re-initialised (every layer's reset, then `reinit`, the init of our
+    backbone where it is one of ours) or, with init="copy", a copy of its current weights."""
     clone = copy.deepcopy(unit)
     if init == "random":
         for m in clone.modules():
             reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
             if reset is not None and m is not clone:
                 reset()
-        if our_init:
-            init_weights(clone)
+        if reinit is not None:
+            reinit(clone)
     return clone
 
 
@@ -1211,7 +1358,7 @@ class AugLocalAux(nn.Module):
                 cur, size = cout, size // stride
             self.blocks = nn.Sequential(*blocks)
         else:
-            self.blocks = nn.Sequential(*[fresh_copy(net.units[j], "random", our_init=False) for j in self.selected])
+            self.blocks = nn.Sequential(*[fresh_copy(net.units[j], "random", None) for j in self.selected])
             try:
                 with torch.no_grad():
                     out = self.blocks.eval()(torch.zeros(2, *shapes[L]))
@@ -1221,10 +1368,13 @@ class AugLocalAux(nn.Module):
                                 f"of unit {L} ({'x'.join(map(str, shapes[L]))}): {first_line(e)}")
             cur = out.shape[1] if out.dim() == 4 else out.shape[-1]
         bn = depth <= 1 and family(net.arch) == "cifar"   # (the CIFAR code's head; not its ImageNet code's)
-        self.head = nn.Sequential(*([nn.BatchNorm1d(cur)] if bn else []), nn.Linear(cur, num_classes))
+        self.pool = family(net.arch) != "vit"           # (on ViTs: LayerNorm -> Linear on the CLS token)
+        self.head = nn.Sequential(*([nn.BatchNorm1d(cur)] if bn else []), nn.Linear(cur, num_classes)) if self.pool \
+            else TokenHead(cur, num_classes)
 
     def forward(self, h):
-        return self.head(pool_features(self.blocks(h)))
+        h = self.blocks(h)
+        return self.head(pool_features(h) if self.pool else h)
 
 
 class PredSimAux(nn.Module):
@@ -1314,7 +1464,7 @@ class MLAANImageNetAux(nn.Module):
 #     h, loss, logits = method(net, k, h_in, batch)   module k's forward from its detached input h_in and its loss:
 #                                                      the local loss of its aux net, or, for the last module, the
 #                                                      network's own head and cross-entropy
-#     method.backward(k, loss, h_in, h)               backpropagate it (SGR adds its gradient term here)
+#     method.backward(net, k, loss, h_in, h)          backpropagate it (SGR adds its gradient term here)
 #     method.after_backward(net, k)                   what follows module k's backward (MAN's and MLAAN's EMA)
 #
 # `parts(k)` lists the aux nets module k's loss trains; `describe` and `summary` are what --print-splits and the
@@ -1409,6 +1559,7 @@ class LocalMethod(nn.Module):
     name = ""
     options = {}                                  # option name -> Opt, the options this method introduces
     bases, default_base, base_defaults = (), None, {}   # add-ons: accepted --base names, and defaults set for them
+    vit_base = None                               # add-ons: the default base on ViTs
     default_K = 16
     protocol = "infopro"                          # whose training protocol the command line uses (section 1)
     imagenet_protocol = None                      # the paper's ImageNet batch, lr and epochs, where it has one
@@ -1427,7 +1578,7 @@ class LocalMethod(nn.Module):
         self.aux = nn.ModuleList([None if s is None else self.make_aux(net, k, s, num_classes)
                                   for k, s in enumerate(self.shapes)])
         if init:
-            init_weights(self.aux)
+            our_init(net.arch)(self.aux)
 
     @classmethod
     def check(cls, net, opts):
@@ -1454,7 +1605,7 @@ class LocalMethod(nn.Module):
         logits = self.aux[k](h)
         return F.cross_entropy(logits, batch.y), logits
 
-    def backward(self, k, loss, h_in, h):
+    def backward(self, net, k, loss, h_in, h):
         """Backpropagate module k's loss. A loss without a graph (every term weighted 0) has nothing to
         backpropagate; the step still gives the module zero gradients."""
         if loss.requires_grad:
@@ -1569,10 +1720,13 @@ class Greedy(LocalMethod):
 
     L_k = CE(W_k GAP(h_k) + b_k, y): each module is trained as if it were the last, through a linear head on
     its pooled output (InfoPro's `0c1f` config with cross-entropy and weight 1). Any feature shape works:
-    C x H x W maps are averaged over space, N x D tokens over tokens, D vectors are used as they are."""
+    C x H x W maps are averaged over space, N x D tokens over tokens, D vectors are used as they are. On our ViTs
+    the head is LayerNorm -> Linear on the CLS token, as their own head (TokenHead)."""
     name = "greedy"
 
     def make_aux(self, net, k, shape, num_classes):
+        if family(net.arch) == "vit":
+            return TokenHead(shape[-1], num_classes)
         return Head(shape[0] if len(shape) == 3 else shape[-1], num_classes)
 
 
@@ -1831,10 +1985,22 @@ class PredSim(LocalMethod):
 @torch.no_grad()
 def ema_update(ema, src, decay):
     """Parameters only (BN running statistics are not averaged, as in MAN's code):
-    ema <- decay * ema + (1 - decay) * src."""
-    e, p = list(ema.parameters()), list(src.parameters())
+    ema <- decay * ema + (1 - decay) * src. In place on .data, as the official codes: MAN++'s ViT update runs while
+    a graph that read the EMA weights awaits its backward (which then reads the updated ones)."""
+    e, p = [t.data for t in ema.parameters()], list(src.parameters())
     torch._foreach_mul_(e, decay)
     torch._foreach_add_(e, p, alpha=1 - decay)
+
+
+class Fusion(nn.Module):
+    """MAN++'s fusion of the learnable and the EMA branch: s a + (2 - s) b, a learnable scalar s starting at 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(()))
+
+    def forward(self, a, b):
+        return self.s * a + (2 - self.s) * b
 
 
 def merge_stem(ends):
@@ -1856,8 +2022,8 @@ class AddOn(LocalMethod):
     def local_loss(self, k, h, batch):
         return self.base.local_loss(k, h, batch)
 
-    def backward(self, k, loss, h_in, h):
-        self.base.backward(k, loss, h_in, h)
+    def backward(self, net, k, loss, h_in, h):
+        self.base.backward(net, k, loss, h_in, h)
 
     def after_backward(self, net, k):
         self.base.after_backward(net, k)
@@ -1891,10 +2057,20 @@ class MAN(AddOn):
     builds 54), and both copies start from a fresh random init like the rest of the model (`--man-init copy`,
     our extension, starts them as copies of B_{k+1}). Fixed: the EMA decay defaults to 0.995 (the official
     default 1.0 freezes the EMA branch at its random init; its README uses 0.995).
-    DGL base: z_k feeds DGL's aux net with CE, weight 1 (inferred: the public MAN code has no DGL variant)."""
+    DGL base: z_k feeds DGL's aux net with CE, weight 1 (inferred: the public MAN code has no DGL variant).
+
+    On our ViTs, MAN++'s ViT code (JunhaoSu0/MAN_PlusPlus vit_man.py; its only setting K = 4), which differs from
+    MAN on ResNets in three ways: the learnable branch copies the next group's first TWO blocks, the branches are
+    fused with a learnable scalar s_k (starting at 1; s = 1 is MAN's plain sum), and the base is Greedy's
+    LayerNorm -> Linear on the CLS token (`--base greedy`, the default on ViTs):
+
+        z_k = LB2_k( s_k LB_k(h_k) + (2 - s_k) EMA_k(h_k) )
+    Reproduced: the official ViT code updates EMA_k after the aux loss's forward and BEFORE its backward, in place
+    on .data, so the backward through the EMA branch uses the updated weights (a gradient that differs from the
+    ResNet order by O(1 - m))."""
     name = "man"
     protocol = "man"
-    bases, default_base = ("infopro", "dgl"), "infopro"
+    bases, default_base, vit_base = ("infopro", "dgl", "greedy"), "infopro", "greedy"
     base_defaults = {"infopro": dict(aux_config="2c2f", local_loss="cross_entropy",
                                      lambdas=lambda c: ((5, 0.75, 5, 0.75), "MAN ImageNet code (hard-coded)")
                                      if family(c.arch) == "imagenet" else ((5, 0.5, 0, 0), "MAN README command"))}
@@ -1909,31 +2085,49 @@ class MAN(AddOn):
     def adjust_ends(cls, ends, opts):
         return merge_stem(ends)                             # the stem always runs in front of module 1
 
+    @classmethod
+    def check(cls, net, opts):
+        if family(net.arch) == "vit" and any(e + 2 > f for e, f in zip(net.ends, net.ends[1:])):
+            raise UserError(f"--method man on a ViT copies the next group's first 2 blocks: every module after the "
+                            f"first needs at least 2 blocks (split {net.ends})")
+
     def __init__(self, net, opts, num_classes, shapes=None, r=None, init=True):
         # B_{k+1}, the first unit of module k+1: what each boundary copies and reads after its backward (section 9
         # sends a pipeline stage the weights of the next stage's first unit for that).
         self.tracked = [e + 1 for e in net.ends[:-1]]
         super().__init__(net, opts, num_classes, shapes=[net.unit_shapes[u] for u in self.tracked],
                          r=stage_positions([net.stage(u) for u in self.tracked], opts.K), init=init)
-        self.decay, ours = opts.ema_decay, net.arch in ARCHS
-        self.ema = nn.ModuleList([fresh_copy(net.units[u], opts.man_init, ours) for u in self.tracked])
-        self.lb = nn.ModuleList([fresh_copy(net.units[u], opts.man_init, ours) for u in self.tracked])
+        self.decay, self.vit = opts.ema_decay, family(net.arch) == "vit"
+        reinit = our_init(net.arch) if family(net.arch) else None
+        copies = lambda shift: nn.ModuleList([fresh_copy(net.units[u + shift], opts.man_init, reinit)
+                                              for u in self.tracked])
+        self.ema, self.lb = copies(0), copies(0)
         for p in self.ema.parameters():
             p.requires_grad_(False)
+        if self.vit:                                        # MAN++ on ViTs: the second block's copy, and s_k
+            self.lb2, self.fuse = copies(1), nn.ModuleList([Fusion() for _ in self.tracked])
 
     def local_loss(self, k, h, batch):
+        if self.vit:
+            return self.base.local_loss(k, self.lb2[k](self.fuse[k](self.lb[k](h), self.ema[k](h))), batch)
         return self.base.local_loss(k, self.lb[k](h) + self.ema[k](h), batch)
+
+    def backward(self, net, k, loss, h_in, h):
+        if self.vit and k < self.K - 1:                     # (reproduced: before the backward, on ViTs)
+            ema_update(self.ema[k], net.units[self.tracked[k]], self.decay)
+        super().backward(net, k, loss, h_in, h)
 
     def after_backward(self, net, k):
         super().after_backward(net, k)
-        if k < self.K - 1:
+        if k < self.K - 1 and not self.vit:
             ema_update(self.ema[k], net.units[self.tracked[k]], self.decay)
 
     def parts(self, k):
-        return super().parts(k) + [self.ema[k], self.lb[k]]
+        return super().parts(k) + [self.ema[k], self.lb[k]] + ([self.fuse[k], self.lb2[k]] if self.vit else [])
 
     def summary(self):
-        return super().summary() + f"; EMA decay {self.decay}"
+        fused = f"; fusion s {' '.join(f'{float(f.s):.3f}' for f in self.fuse)}" if self.vit else ""
+        return super().summary() + f"; EMA decay {self.decay}" + fused
 
 # MLAAN's leap chains (its configAuxPlus_new tables; ImageNet: ImageNet/networks/configAux_new.py): for
 # boundary i, the backbone blocks ("stage.block") whose copies form the aux network, keyed by (arch, modules
@@ -2031,6 +2225,9 @@ class MLAAN(LocalMethod):
 
     @classmethod
     def check(cls, net, opts):
+        if family(net.arch) == "vit":
+            raise UserError("--method mlaan: its leap chains and cascade are tables of ResNet blocks (the official "
+                            "code has no ViT); on ViTs use man, auglocal, dgl, greedy or sgr")
         if (net.arch, net.K) not in MLAAN_CHAINS:
             raise UserError(f"--method mlaan: leap tables exist for resnet32 K=8,16, resnet110 K=32,55, resnet34 "
                             f"K=16 and resnet101 K=33 (got {net.arch or 'a custom backbone'} K={opts.K})")
@@ -2160,8 +2357,9 @@ def sgr_distance(a, b, kind):
     return sq.mean() if kind == "sq_l2" else (sq + 1e-12).sqrt().mean()
 
 
-def double_differentiable():
-    """Scaled-dot-product attention on its math kernel, the one with a double backward."""
+def math_attention():
+    """Scaled-dot-product attention on its math kernel: the one with a double backward, and the one whose matrix
+    products torch's FlopCounterMode counts on every device (it does not know the CPU's fused kernel)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.MATH])
 
@@ -2190,6 +2388,7 @@ class SGR(AddOn):
     name = "sgr"
     # Not MLAAN: its losses reach the module's input through the cascade re-run, not through h_{j-1}.
     bases, default_base = ("greedy", "dgl", "predsim", "infopro", "auglocal", "man"), "infopro"
+    vit_base = "man"        # on ViTs: MAN++'s aux net (copies of the next group's first 2 blocks, LN, Linear on CLS)
     eager_only = "SGR's double backward"
     double_backward = True
     carried = ("target",)                                   # b_{j-1}, handed from module j-1's step to module j's
@@ -2219,10 +2418,10 @@ class SGR(AddOn):
         h_in.requires_grad_(k > 0 and self.target is not None)
         # The double backward needs every op of the module and its aux net to be twice differentiable: attention
         # runs on PyTorch's math kernel here (the fused CPU/GPU kernels have no double backward).
-        with double_differentiable():
+        with math_attention():
             return super().forward(net, k, h_in, batch)
 
-    def backward(self, k, loss, h_in, h):
+    def backward(self, net, k, loss, h_in, h):
         if not loss.requires_grad:
             self.target = None
             return
@@ -2231,7 +2430,7 @@ class SGR(AddOn):
             total = loss + self.weight * sgr_term(loss, h_in, self.target, self.kind)
         if k < self.K - 1:                                  # b_k, handed to module k+1 (detached)
             self.target = torch.autograd.grad(loss if self.plain_target else total, h, retain_graph=True)[0]
-        self.base.backward(k, total, h_in, h)
+        self.base.backward(net, k, total, h_in, h)
 
     def summary(self):
         return f"lambda {self.weight}, {self.kind}, target {'plain' if self.plain_target else 'regularised'}; " + \
@@ -2248,15 +2447,15 @@ CONTEXT = dict(dataset=None, arch=None, K=None, balanced_memory=False, amp="none
                                                                                                    # may read these
 
 
-def method_chain(method, base=None):
+def method_chain(method, base=None, arch=None):
     """The method and its bases, outermost first: ("sgr", "man+dgl") -> ["sgr", "man", "dgl"]. An add-on without a
-    base gets its default one; each link must accept the next as its base."""
+    base gets its default one (on ViTs its `vit_base`); each link must accept the next as its base."""
     if method not in METHODS:
         raise UserError(f"unknown method {method} (one of {', '.join(sorted(METHODS))})")
     given, chain = (base.split("+") if base else []), [method]
     while METHODS[chain[-1]].bases:
         cls = METHODS[chain[-1]]
-        nxt = given.pop(0) if given else cls.default_base
+        nxt = given.pop(0) if given else cls.vit_base if arch in VITS and cls.vit_base else cls.default_base
         if nxt not in METHODS:
             raise UserError(f"--base {base}: unknown method {nxt}")
         if nxt not in cls.bases:
@@ -2334,7 +2533,7 @@ def attach(net, method, base=None, num_classes=None, **options):
     defaults to the width of the net's head. Returns the method (an nn.Module holding the aux nets)."""
     context = {k: options.pop(k) for k in list(options) if k in CONTEXT and k != "arch"}
     context = dict(context, arch=net.arch, K=net.K if context.get("K") is None else context["K"])
-    opts = method_options(method_chain(method, base), options, **context)
+    opts = method_options(method_chain(method, base, net.arch), options, **context)
     return build_method(net, opts, num_classes or net.num_classes)
 
 # =============================================================================================================
@@ -2414,15 +2613,17 @@ MiB = 2 ** 20
 # 7. Training: the step and the epoch
 # =============================================================================================================
 
-def make_sgd(params, lr, wd):
-    """SGD with Nesterov momentum 0.9 and weight decay on every parameter (the originals' optimizer). The fused
-    implementation where this PyTorch has one for the device -- one kernel for all parameters instead of a loop
-    over them, measured faster (README, Results) -- else foreach."""
-    kw = dict(lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+def make_optimizer(params, lr, wd, kind="sgd"):
+    """The one optimizer of backbone and aux nets, weight decay on every parameter as in the originals: SGD with
+    Nesterov momentum 0.9 (the ResNet codes), or AdamW with betas (0.9, 0.999) and eps 1e-8 (the ViT code). The
+    fused implementation where this PyTorch has one for the device -- one kernel for all parameters instead of a
+    loop over them, measured faster (README, Results) -- else foreach."""
+    cls, kw = (torch.optim.SGD, dict(momentum=0.9, nesterov=True)) if kind == "sgd" else \
+        (torch.optim.AdamW, dict(betas=(0.9, 0.999), eps=1e-8))
     try:
-        return torch.optim.SGD(params, fused=True, **kw)
+        return cls(params, lr=lr, weight_decay=wd, fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.SGD(params, foreach=True, **kw)
+        return cls(params, lr=lr, weight_decay=wd, foreach=True, **kw)
 
 
 def lr_at(epoch, lr0, epochs, warmup, schedule="cifar"):
@@ -2440,12 +2641,14 @@ def lr_at(epoch, lr0, epochs, warmup, schedule="cifar"):
 @dataclass
 class Step:
     """How the training step runs around the math: mixed precision (an autocast context, a GradScaler for fp16),
-    compiled modules (--compile: k -> module k's compiled forward and loss), and a function called with k once
-    module k's gradients are final (section 9 starts its gradient all-reduce there)."""
+    compiled modules (--compile: k -> module k's compiled forward and loss), and functions called with k before
+    module k's backward and once its gradients are final (section 9: a pipeline stage fetches the weights MAN's
+    EMA reads; data parallelism starts its gradient all-reduce)."""
     autocast: object = field(default_factory=contextlib.nullcontext)
     scaler: object = field(default_factory=lambda: torch.amp.GradScaler(enabled=False))
     compiled: dict = None
     after_module: object = None
+    before_backward: object = None
 
 
 def module_parts(net, method, k):
@@ -2465,7 +2668,9 @@ def run_modules(net, method, batch, h, modules, step):
         h_in = h.detach()
         with step.autocast:
             h, loss, logits = step.compiled[k](h_in, batch) if step.compiled else method(net, k, h_in, batch)
-        method.backward(k, step.scaler.scale(loss), h_in, h)
+        if step.before_backward is not None:
+            step.before_backward(k)
+        method.backward(net, k, step.scaler.scale(loss), h_in, h)
         # What the originals backpropagate as 0 * loss (a term, or a whole local loss, whose weight is 0) still
         # gets a zero gradient here, without the work: weight decay and momentum keep moving those parameters.
         if k < net.K - 1:
@@ -2571,8 +2776,8 @@ class Trainer:
         return dict(device=str(self.device), world_size=self.world, modules=self.net.K,
                     train_images=len(self.train_loader.labels), params_backbone=n(self.net), params_aux=n(self.method))
 
-    def optimizer(self, lr, wd):
-        return make_sgd(self.params, lr, wd)
+    def optimizer(self, lr, wd, kind="sgd"):
+        return make_optimizer(self.params, lr, wd, kind)
 
     def clock(self):
         """Wall time once the device has done what it was given (and, section 9, every process has)."""
@@ -2685,7 +2890,7 @@ class Trainer:
         x, y = next(iter(self.train_loader))
         counter = FlopCounterMode(display=False)
         counter.mod_tracker = _NoModuleTracking()         # (its per-module breakdown breaks autograd.grad: SGR)
-        with counter:
+        with counter, math_attention():
             forward_backward(self.net, self.method, Batch(x, y, *self.norm), self.step.scaler, self.step.autocast)
         self.net.zero_grad(set_to_none=True)
         self.method.zero_grad(set_to_none=True)
@@ -3105,7 +3310,7 @@ class Pipeline(Trainer):
         self.fetches = not self.last and self.modules[-1] < len(method.tracked)
         self.sends_back = not self.first and lo - 1 < len(method.tracked)
         self.fresh, self.weight_send, self.sends, self.waited, self.guard, self.stop = True, None, [], 0.0, None, None
-        self.step = replace(step, after_module=self._fetch_weights)
+        self.step = replace(step, before_backward=self._fetch_weights)
         self.train_loader, self.test_loader = data() if self.first else (None, None)
         box = [None]
         if self.first:   # every stage learns the batch sizes (train-mode BatchNorm needs two samples) and the spec
@@ -3145,8 +3350,9 @@ class Pipeline(Trainer):
         self.sends = [dist.isend(t, self.rank + 1, tag=1) for t in self.keep]
 
     def _fetch_weights(self, k):
-        """after_module(k): before the boundary's EMA update reads the next stage's first unit, its weights after
-        as many updates as in the sequential run (the run's first batch: the local copy is current)."""
+        """before_backward(k): before the boundary's EMA update reads the next stage's first unit (after module k's
+        backward; on ViTs before it), its weights after as many updates as in the sequential run (the run's first
+        batch: the local copy is current)."""
         if k != self.modules[-1] or not self.fetches:
             return
         if self.fresh:
@@ -3412,9 +3618,9 @@ def warmup_steps(cfg, step):
 
 
 def build(cfg, spec, opts):
-    """The command line is the first user of the Python API: our ResNet as a LocalNet, then its method."""
-    net = LocalNet.resnet(cfg.arch, spec.classes, split_ends(cfg.arch, cfg.K, cfg.balanced_memory, spec.name),
-                          spec.size)
+    """The command line is the first user of the Python API: our ResNet or ViT as a LocalNet, then its method."""
+    ends = cfg.ends or split_ends(cfg.arch, cfg.K, cfg.balanced_memory, spec.name)
+    net = (LocalNet.vit if cfg.arch in VITS else LocalNet.resnet)(cfg.arch, spec.classes, ends, spec.size)
     return net, build_method(net, opts, spec.classes)
 
 
@@ -3532,7 +3738,8 @@ class Guard:
 def fit(cfg, spec, trainer, ck=None):
     """The training loop of every run -- one device, data parallel, pipelined, --bench: resume, then per epoch
     the lr, one epoch of training, the test accuracy, one row and a checkpoint; then the final JSON line."""
-    opt, history, ran, epochs = trainer.optimizer(cfg.lr, cfg.wd), [], [], 1 if cfg.bench else cfg.epochs
+    opt, history, ran = trainer.optimizer(cfg.lr, cfg.wd, cfg.optimizer), [], []
+    epochs = 1 if cfg.bench else cfg.epochs
     if not cfg.bench:
         print_config(cfg, trainer.method, **trainer.config())
     if ck is not None:

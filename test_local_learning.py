@@ -2354,7 +2354,7 @@ def test_compiled_steps_equal_eager(method, opts, backend):
         # Inductor's C++ kernels are compiled for every distinct graph, ~6 s each on this CPU)
         m = L.attach(net, method, **opts)
         net.double(), m.double()
-        opt = L.make_sgd([*net.parameters(), *m.parameters()], 0.05, 1e-4)
+        opt = L.make_optimizer([*net.parameters(), *m.parameters()], 0.05, 1e-4)
         c = L.compile_modules(net, m, "default", torch.device("cpu"), backend) if compiled else None
         g = torch.Generator().manual_seed(1)
         for _ in range(3):
