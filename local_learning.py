@@ -10,7 +10,8 @@ backpropagates that loss at once:
 
     h_k = f_k(sg(h_{k-1}))                 sg = stop-gradient (detach): no gradient crosses a module boundary
     L_k = loss_k(g_k(h_k), y)              k < K: a local loss through the auxiliary net g_k
-    L_K = CE(FC(GAP(h_K)), y)              the last module owns the network's real head
+    L_K = CE(head(h_K), y)                 the last module owns the network's real head (ResNets: FC of GAP;
+                                           ViTs: LayerNorm -> FC of the CLS token)
 
 Module k runs forward -> local loss -> backward -> detach before module k+1 runs forward, so autograd frees
 module k's activations first: peak activation memory is that of the largest module (plus its aux net), not of
@@ -36,6 +37,7 @@ Run
     python local_learning.py --method mlaan --base dgl --dataset folder --data-dir ../shared/data/cifar10-subset \\
         --norm cifar10 --batch-size 128 --lr 0.1 --epochs 5 --warmup-epochs 1
     python local_learning.py --method infopro --arch resnet110 --K 55 --bench 10 --batch-size 128  # speed + memory
+    python local_learning.py --method man --arch vit_tiny --dataset cifar10   # MAN++ on a ViT: K = 4, AdamW
     torchrun --nproc_per_node=8 local_learning.py --method infopro --dataset imagenet --data-dir IMAGENET \\
         --arch resnet101 --K 2                                        # data parallel: InfoPro*'s ImageNet run
     torchrun --nproc_per_node=4 local_learning.py --pipeline --method dgl --arch resnet110 --K 55   # module parallel
@@ -43,6 +45,7 @@ Run
 Use it in your project (sections 3, 5, 7): any network as an ordered list of units plus a head
 --------------------------------------------------------------------------------------------------
     net = LocalNet(units, head, ends=4, example_input=torch.zeros(1, 3, 224, 224))  # K=4 (or unit indices)
+    # ours: LocalNet.resnet("resnet32", 10, ends, 32) or LocalNet.vit("vit_tiny", 10, [3, 6, 9, 12], 32)
     method = attach(net, "dgl")                       # or "man", base="dgl", ema_decay=0.99 -- options as keywords
     opt = torch.optim.SGD([*net.parameters(), *method.parameters()], lr=0.1, momentum=0.9)
     for x, y in loader:
@@ -101,9 +104,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    p = _Parser(description="Supervised local learning: a ResNet trained as K gradient-isolated modules, each with "
-                "its own aux net and local loss (BP, Greedy SL, DGL, PredSim, InfoPro, AugLocal; add-ons MAN, MLAAN, "
-                "SGR), on CIFAR-10/100, SVHN, STL-10, ImageNet or any image folder; one device, torchrun data "
+    p = _Parser(description="Supervised local learning: a ResNet or ViT trained as K gradient-isolated modules, each "
+                "with its own aux net and local loss (BP, Greedy SL, DGL, PredSim, InfoPro, AugLocal; add-ons MAN, "
+                "MLAAN, SGR), on CIFAR-10/100, SVHN, STL-10, ImageNet or any image folder; one device, torchrun data "
                 "parallelism or --pipeline module parallelism.")
     _what_to_train(p.add_argument)
     _how_to_train(p.add_argument)
@@ -135,7 +138,7 @@ def _what_to_train(a):
     a("--subset", type=int, default=0, help="train on the first N training images only (0 = all; for folder "
       "trees, which list images class by class, N images drawn with a fixed seed)")
     a("--no-augment", action="store_true", help="disable training augmentation (crop/flip)")
-    a("--arch", default="resnet32", choices=sorted(ARCHS, key=lambda s: (ARCHS[s][0], int(s[6:]))) + list(VITS),
+    a("--arch", default="resnet32", choices=sorted(ARCHS, key=lambda s: (ARCHS[s][0], arch_key(s))) + list(VITS),
       help="backbone: CIFAR ResNets resnet20/32/44/56/110, torchvision-style ImageNet ResNets, or the Vision "
            "Transformers vit_tiny/small/base (patch 4 at 32 px, 8 at 96 px, 16 at 224 px; their own protocol)")
     a("--base", default=None,
@@ -920,6 +923,11 @@ def split_ends(arch, K, balanced=False, dataset=""):
     else:
         return [e + 1 for e in even_split(B, K)]   # (block j is unit j: the stem is unit 0)
     return [0 if s == 0 else 1 + sum(blocks[:s - 1]) + b for s, b in bounds] + [B]
+
+
+def arch_key(arch):
+    """Order of our backbones in tables: the ResNets by depth, then the ViTs by width."""
+    return (1, list(VITS).index(arch)) if arch in VITS else (0, int(arch[6:]))
 
 
 def vit_ends(arch, K):
@@ -2040,7 +2048,8 @@ class AddOn(LocalMethod):
 
 @register
 class MAN(AddOn):
-    """MAN, Momentum Auxiliary Network (Su et al., ECCV 2024; official code JunhaoSu0/MAN), on InfoPro or DGL.
+    """MAN, Momentum Auxiliary Network (Su et al., ECCV 2024; official code JunhaoSu0/MAN), on InfoPro, DGL or
+    Greedy (the MAN++ ViT code's; on ResNets GAP -> Linear, our extension).
 
     For each boundary k, two copies of B_{k+1}, the first residual block of module k+1: EMA_k (no gradient) and a
     trainable "learnable bias" copy LB_k. The base's aux nets read
@@ -2126,7 +2135,7 @@ class MAN(AddOn):
         return super().parts(k) + [self.ema[k], self.lb[k]] + ([self.fuse[k], self.lb2[k]] if self.vit else [])
 
     def summary(self):
-        fused = f"; fusion s {' '.join(f'{float(f.s):.3f}' for f in self.fuse)}" if self.vit else ""
+        fused = f"; fusion s {' '.join(f'{float(f.s.detach()):.3f}' for f in self.fuse)}" if self.vit else ""
         return super().summary() + f"; EMA decay {self.decay}" + fused
 
 # MLAAN's leap chains (its configAuxPlus_new tables; ImageNet: ImageNet/networks/configAux_new.py): for
@@ -3876,7 +3885,7 @@ def report_bench(rows):
     out, key = [], lambda r: (r["device_name"] if r.get("device_name") else r["device"], r["batch"], r.get("amp"))
     for (dev, batch, amp), rs in {k: [r for r in rows if key(r) == k] for k in dict.fromkeys(map(key, rows))}.items():
         cols = sorted({(r["arch"], r["K"]) for r in rs if r["method"] != "bp" or r["K"] > 1} or
-                      {(r["arch"], r["K"]) for r in rs}, key=lambda c: (int(c[0][6:]), c[1]))
+                      {(r["arch"], r["K"]) for r in rs}, key=lambda c: (arch_key(c[0]), c[1]))
         cuda, flops = any(r.get("cuda_peak_alloc") for r in rs), any(r.get("flops_per_img") for r in rs)
         cell = {}
         for r in rs:   # plain BP (K = 1) fills every column of its arch
@@ -4023,7 +4032,7 @@ def report(path, run_line=None, plot_path=None):
     for ds in dict.fromkeys(r["dataset"] for _, r in runs):
         rs = [r for _, r in runs if r["dataset"] == ds]
         cols = sorted({(r["arch"], r["K"]) for r in rs if r["label"] != "bp"} or {(r["arch"], 1) for r in rs},
-                      key=lambda c: (int(c[0][6:]), c[1]))
+                      key=lambda c: (arch_key(c[0]), c[1]))
         groups = {}
         for r in rs:   # BP does not depend on K: its K=1 runs fill every column of their arch
             for c in cols if r["label"] == "bp" else [(r["arch"], r["K"])]:

@@ -982,7 +982,7 @@ def test_add_ons_refuse_bases_they_cannot_wrap():
     with pytest.raises(L.UserError, match="composes with"):
         build_cli("--method", "sgr", "--base", "bp")
     with pytest.raises(L.UserError, match="composes with"):
-        build_cli("--method", "man", "--base", "greedy")
+        build_cli("--method", "man", "--base", "predsim")
     with pytest.raises(L.UserError, match="add-on"):
         build_cli("--method", "dgl", "--base", "infopro")
 
@@ -1013,7 +1013,7 @@ BAD_INPUTS = [
     (["--method", "dgl", "--aux-depth", "2"], "--aux-depth does not apply to dgl"),
     (["--method", "man", "--ema-decay", "1.5"], "--ema-decay must be in [0, 1]"),
     (["--method", "dgl", "--base", "infopro"], "add-on"),
-    (["--method", "man", "--base", "greedy"], "composes with"),
+    (["--method", "man", "--base", "predsim"], "composes with"),
     (["--method", "sgr", "--base", "mlaan"], "composes with"),
     (["--method", "mlaan", "--K", "8", "--mlaan-depth", "20"], "--mlaan-depth 20"),
     (["--method", "mlaan", "--K", "4"], "leap tables"),
@@ -1771,7 +1771,15 @@ DDP_METHODS = {"bp": ("--method", "bp", "--K", "1"), "dgl": ("--method", "dgl", 
                "infopro": ("--method", "infopro", "--K", "8", "--local-loss", "cross_entropy"),
                "man": ("--method", "man", "--base", "dgl", "--K", "8"),
                "mlaan": ("--method", "mlaan", "--base", "greedy", "--K", "8"),
-               "sgr": ("--method", "sgr", "--base", "dgl", "--K", "8")}
+               "sgr": ("--method", "sgr", "--base", "dgl", "--K", "8"),
+               "vit man": None}       # MAN++ on a small ViT (its EMA update before the backward): _ddp_build
+
+
+def _ddp_build(name):
+    if name == "vit man":
+        net = tiny_vit(size=32, patch=8, classes=10)
+        return net, L.attach(net, "man")
+    return build_cli(*DDP_METHODS[name])
 
 
 def _ddp_worker(rank, world, port, out, eval_bn, names, dtype):
@@ -1783,7 +1791,7 @@ def _ddp_worker(rank, world, port, out, eval_bn, names, dtype):
     try:
         for name in names:
             torch.manual_seed(0)
-            net, m = build_cli(*DDP_METHODS[name])
+            net, m = _ddp_build(name)
             for t in [*net.state_dict().values(), *m.state_dict().values()]:   # rank 0's weights everywhere
                 dist.broadcast(t, 0)
             grads = _ddp_train(net, m, rank, world, 3, eval_bn, dtype=dtype)
@@ -1808,7 +1816,7 @@ def test_data_parallel_ranks_stay_bit_identical(tmp_path):
         a, b = res[(name, 0)]["params"], res[(name, 1)]["params"]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
         torch.manual_seed(0)
-        net, m = build_cli(*DDP_METHODS[name])
+        net, m = _ddp_build(name)
         buckets = res[(name, 0)]["grads"][-1]
         if name == "dgl":           # one bucket per module: its units and its aux net, launched after its backward
             assert sorted(buckets) == list(range(8))
@@ -1825,11 +1833,11 @@ def test_data_parallel_gradient_equals_single_process_gradient(tmp_path):
     be the full-batch gradient), float64 (so that float rounding, amplified by training, stays invisible): with
     rank parts of 4 and 5 of a global batch of 9, after the first step (averaged at its end) and the next ones
     (bucketed, overlapped), the averaged gradients equal one process's on the global batch."""
-    names = ["bp", "dgl", "infopro", "man", "mlaan", "sgr"]
+    names = ["bp", "dgl", "infopro", "man", "mlaan", "sgr", "vit man"]
     res = _spawn(tmp_path, True, names, dtype=torch.float64)
     for name in names:
         torch.manual_seed(0)
-        net, m = build_cli(*DDP_METHODS[name])
+        net, m = _ddp_build(name)
         ref = _ddp_train(net, m, 0, 1, 3, True, sync=False, dtype=torch.float64)
         for step, (g1, g2) in enumerate(zip(ref, res[(name, 0)]["grads"][:-1])):
             assert g1.keys() == g2.keys(), name
@@ -1887,19 +1895,23 @@ def _sequential(argv):
 
 
 def _pipe_args(cifar_dir, name, ck, *extra):
-    return train_args(cifar_dir, *PIPE_METHODS[name], "--K", "8", "--epochs", "2", "--warmup-epochs", "1",
-                      "--save", ck, *extra)
+    method = PIPE_METHODS.get(name) or ("--method", "man", "--arch", "vit_tiny")               # (name: "vit man")
+    vit = name == "vit man"                                  # (ViT-Tiny: one epoch, a small test set)
+    return train_args(cifar_dir, *method, *(("--test-subset", "8") if vit else ("--K", "8")), "--epochs",
+                      "1" if vit else "2", "--warmup-epochs", "0" if vit else "1", "--save", ck, *extra)
 
 
 @pytest.mark.parametrize("S, stages", [(2, None), (3, "2,3,3")])
 def test_pipeline_equals_sequential_bit_for_bit(cifar_dir, tmp_path, S, stages):
     """2 epochs of 2 batches through S gloo stages: every parameter and BatchNorm buffer of the backbone and of
-    every aux net (MAN's EMA copies included) equals the single-process run's, bit for bit."""
+    every aux net (MAN's EMA copies included) equals the single-process run's, bit for bit. 2 stages: also MAN++
+    on a ViT (K = 4; its EMA reads the next stage's block before the backward)."""
     import torch.multiprocessing as mp
     extra = ("--pipeline",) + (("--stages", stages) if stages else ())
-    jobs = [_pipe_args(cifar_dir, n, str(tmp_path / f"{n}_pipe.pt"), *extra) for n in PIPE_METHODS]
+    names = list(PIPE_METHODS) + (["vit man"] if S == 2 else [])
+    jobs = [_pipe_args(cifar_dir, n, str(tmp_path / f"{n}_pipe.pt"), *extra) for n in names]
     mp.spawn(_pipe_worker, args=(S, _free_port(), jobs), nprocs=S, join=True)
-    for n in PIPE_METHODS:
+    for n in names:
         seq = _sequential(_pipe_args(cifar_dir, n, str(tmp_path / f"{n}_seq.pt")))
         a = torch.load(tmp_path / f"{n}_seq.pt", weights_only=False)
         b = torch.load(tmp_path / f"{n}_pipe.pt", weights_only=False)
@@ -2372,3 +2384,180 @@ def test_compile_falls_back_or_refuses_in_one_line(capsys):
     code, err = main_error(["--method", "dgl", "--compile", "reduce-overhead", "--bench", "1", "--batch-size", "4"],
                            capsys)
     assert code == 2 and err == "error: --compile reduce-overhead uses CUDA graphs: CUDA only (use --compile default)"
+
+
+# ------------------------------------------------------------------------------------------------- Vision Transformers
+
+
+# Counts of the official constructors (MAN_PlusPlus vit_man.py, run on CPU): backbone = patch embedding with its norm,
+# CLS, positions, blocks, final norm and head; MAN++'s aux net per group = 2 block copies, the EMA copy, norm, head, s.
+VIT_COUNTS = {("vit_tiny", 224, 1000): 5_717_800, ("vit_small", 224, 1000): 22_051_432,
+              ("vit_base", 224, 1000): 86_569_192, ("vit_tiny", 32, 10): 5_363_146, ("vit_tiny", 96, 10): 5_406_154,
+              ("vit_small", 32, 10): 21_343_114}
+VIT_MAN_AUX = {("vit_tiny", 224, 1000): 1_527_977, ("vit_small", 224, 1000): 5_709_161,
+               ("vit_base", 224, 1000): 22_034_153, ("vit_tiny", 32, 10): 1_336_907, ("vit_small", 32, 10): 5_328_011}
+
+
+def test_vit_parameter_counts_and_splits_are_the_official_ones():
+    with torch.device("meta"):                                   # (shapes only: no memory, no arithmetic)
+        for (arch, size, classes), count in VIT_COUNTS.items():
+            units, head = L.vit(arch, classes, size)
+            assert sum(n_params(u) for u in units) + n_params(head) == count, (arch, size)
+            assert units[0].pos.shape[1] == (size // {32: 4, 96: 8, 224: 16}[size]) ** 2 + 1
+        for (arch, size, classes), count in VIT_MAN_AUX.items():
+            net = L.LocalNet.vit(arch, classes, L.split_ends(arch, 4), size)
+            m = L.attach(net, "man")
+            assert net.ends == [3, 6, 9, 12] and m.base.name == "greedy"
+            assert [sum(n_params(p) for p in m.parts(k)) for k in range(3)] == [count] * 3, (arch, size)
+    assert L.split_ends("vit_small", 12) == list(range(1, 13)) and L.split_ends("vit_base", 1) == [12]
+    with pytest.raises(L.UserError, match="split evenly into K = 1, 2, 3, 4, 6 or 12"):
+        L.split_ends("vit_tiny", 5)
+    net = L.LocalNet.vit("vit_tiny", 10, [2, 5, 8, 12], 32)                   # any split given as unit ends
+    assert net.bounds == [(0, 3), (3, 6), (6, 9), (9, 13)] and net.unit_name(0) == "embed"
+
+
+def test_vit_init_is_the_official_one():
+    torch.manual_seed(0)
+    net = L.LocalNet.vit("vit_small", 10, [12], 32)
+    lin = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    weights = torch.cat([m.weight.flatten() for m in lin])
+    assert all(m.bias.abs().max() == 0 for m in lin) and weights.std().item() == pytest.approx(0.02, rel=0.02)
+    assert net.units[0].pos.std().item() == pytest.approx(0.02, rel=0.05)   # (truncated at +-2, as the official)
+    norms = [m for m in net.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == 2 * 12 + 2 and all(m.eps == 1e-6 and (m.weight == 1).all() for m in norms)
+    net.set_split([3, 6, 9, 12])
+    m = L.attach(net, "greedy")
+    assert isinstance(m.aux[0], L.TokenHead) and m.aux[0].fc.bias.abs().max() == 0
+
+
+def tiny_vit(K=4, dim=32, depth=8, size=16, patch=4, classes=4):
+    """A small ViT built from our ViT's parts, labelled as one of ours (CLS heads, MAN++'s aux net, the ViT init)."""
+    torch.manual_seed(0)
+    units = [L.PatchEmbed(dim, size, patch)] + [L.ViTBlock(dim, 2) for _ in range(depth)]
+    return L.LocalNet(units, L.TokenHead(dim, classes), [depth // K * (g + 1) for g in range(K)],
+                      torch.zeros(1, 3, size, size), arch="vit_tiny")
+
+
+def vit_toy(n, g, size=16):
+    """4 classes, each a fixed random 4 x 4 texture repeated over the image, under noise: learnable by a ViT."""
+    y = torch.randint(0, 4, (n,), generator=g)
+    texture = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(7)).repeat(1, 1, size // 4, size // 4)
+    return texture[y] + 0.5 * torch.randn(n, 3, size, size, generator=g), y
+
+
+@pytest.mark.parametrize("method, base", [("bp", None), ("greedy", None), ("dgl", None), ("auglocal", None),
+                                          ("man", None), ("sgr", None), ("sgr", "dgl")])
+def test_vit_methods_are_isolated_and_learn_a_toy_task(method, base):
+    """Gradient isolation on the token tensor, then 40 AdamW steps of the ViT protocol's optimizer: test accuracy
+    from chance to >= 90 %."""
+    g = torch.Generator().manual_seed(0)
+    opts = dict(aux_depth=2) if method == "auglocal" else {}
+    if method != "bp":
+        x, y = vit_toy(16, g)
+        _check_local_learning(tiny_vit, x, y, method, base, steps=3, memory=method in ("greedy", "dgl"), **opts)
+    net = tiny_vit(K=1 if method == "bp" else 4)
+    m = L.attach(net, method, base=base, **opts)
+    assert [c.name for c in L.chain_of(m)] == {"man": ["man", "greedy"], "sgr": ["sgr", base or "man"] +
+                                               ([] if base else ["greedy"])}.get(method, [method])
+    opt = L.make_optimizer([*net.parameters(), *m.parameters()], 3e-3, 0.05, "adamw")
+    x_test, y_test = vit_toy(256, g)
+    accuracy = lambda: (net.eval()(x_test).argmax(1) == y_test).float().mean().item()
+    with torch.no_grad():
+        before = accuracy()
+    for _ in range(40):
+        net.train()
+        opt.zero_grad()
+        L.forward_backward(net, m, L.Batch(*vit_toy(32, g)))
+        opt.step()
+    with torch.no_grad():
+        assert before < 0.5 and accuracy() >= 0.9, (before, accuracy())
+
+
+def test_man_on_vit_ema_fusion_and_order():
+    """MAN++ on ViTs: each boundary's EMA copy moves to m EMA + (1 - m) B_{k+1} (the next group's first block,
+    before the optimizer step), s_k gets a gradient and is trained, the learnable branch has two blocks; and the
+    EMA update happens before the backward (the official order): the gradients differ from the ResNet order's."""
+    net = tiny_vit()
+    m = L.attach(net, "man", ema_decay=0.9)
+    assert m.tracked == [3, 5, 7] and len(m.lb2) == len(m.fuse) == 3 and [f.s.item() for f in m.fuse] == [1.0] * 3
+    ema0 = [[p.clone() for p in e.parameters()] for e in m.ema]
+    src0 = [[p.clone() for p in net.units[u].parameters()] for u in m.tracked]
+    opt = L.make_optimizer([*net.parameters(), *m.parameters()], 1e-2, 0.05, "adamw")
+    x, y = vit_toy(16, torch.Generator().manual_seed(0))
+    opt.zero_grad()
+    L.forward_backward(net, m, L.Batch(x, y))
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    assert all(f.s.grad is not None and f.s.grad.abs() > 0 for f in m.fuse)
+    opt.step()
+    for k in range(3):
+        for e, e0, s0 in zip(m.ema[k].parameters(), ema0[k], src0[k]):
+            assert not e.requires_grad and torch.allclose(e, 0.9 * e0 + 0.1 * s0, atol=1e-7)
+    assert all(f.s.item() != 1.0 for f in m.fuse)
+    net = tiny_vit()                                                    # the same weights, in the ResNet order:
+    m = L.attach(net, "man", ema_decay=0.9)                             # the EMA update after the backward
+    m.backward = lambda net_, k, *a: L.AddOn.backward(m, net_, k, *a)
+    m.after_backward = lambda net_, k: L.ema_update(m.ema[k], net_.units[m.tracked[k]], 0.9) if k < 3 else None
+    L.forward_backward(net, m, L.Batch(x, y))
+    assert torch.equal(grads["units.0.pos"], net.units[0].pos.grad) is False
+    assert torch.equal(grads["head.fc.weight"], net.head.fc.weight.grad)   # (the last module has no EMA branch)
+
+
+def test_vit_command_line(capsys, tmp_path):
+    """--print-splits of every method that runs on ViTs, one-line refusals of those that do not, the ViT protocol as
+    the default (and the ResNet one unchanged), --ends."""
+    for method in ("bp", "greedy", "dgl", "auglocal", "man", "sgr"):
+        assert L.main(["--arch", "vit_tiny", "--method", method, "--print-splits"]) is None
+        out = capsys.readouterr().out
+        assert "embed-B2" in out or method == "bp", out
+    assert "1,336,907" in out                                   # sgr's default base: man (+greedy)
+    for method, why in (("infopro", "need image-shaped features"), ("predsim", "need image-shaped features"),
+                        ("mlaan", "tables of ResNet blocks")):
+        code, err = main_error(["--arch", "vit_tiny", "--method", method, "--print-splits"], capsys)
+        assert code == 2 and err.startswith(f"error: --method {method}") and why in err and "\n" not in err
+    for argv, why in ((("--K", "5"), "split evenly"), (("--method", "man", "--K", "12"), "at least 2 blocks"),
+                      (("--protocol", "man"), "--protocol applies to ResNets"), (("--ends", "3,6", "--K", "4"),
+                                                                                 "--ends 3,6 makes 2 modules")):
+        code, err = main_error(["--arch", "vit_tiny", "--print-splits", *argv], capsys)
+        assert code == 2 and why in err, err
+    resolved = lambda *a: vars(L.resolve_config(L.parse_args(list(a)))[0])
+    v = resolved("--arch", "vit_small", "--method", "man")
+    assert (v["optimizer"], v["wd"], v["lr"], v["batch_size"], v["epochs"], v["warmup_epochs"], v["K"]) == \
+        ("adamw", 0.05, 1e-3, 1024, 90, 0, 4)
+    v = resolved("--arch", "vit_tiny", "--dataset", "stl10", "--batch-size", "128")
+    assert v["lr"] == pytest.approx(1.25e-4) and "official ViT protocol" in v["sources"]["lr"]
+    assert resolved("--arch", "vit_tiny", "--method", "bp")["K"] == 1
+    r = resolved("--arch", "resnet32")
+    assert (r["optimizer"], r["wd"], r["lr"], r["warmup_epochs"]) == ("sgd", 1e-4, 0.8, 10)
+    assert L.lr_at(1, 1e-3, 90, 0, "imagenet") == 1e-3                  # the cosine counts from epoch 0
+    args, spec, _ = L.resolve_config(L.parse_args(["--arch", "vit_tiny", "--ends", "2,5,8,12"]))
+    assert spec.schedule == "imagenet" and args.K == 4 and L.build(args, spec, _)[0].ends == [2, 5, 8, 12]
+
+
+def test_vit_bench_resume_and_report(cifar_dir, tmp_path, capsys, monkeypatch):
+    """--bench of a ViT (activation peak, FLOPs with attention counted), a resumed ViT run (AdamW's state) equal to
+    an uninterrupted one, --report of ViT lines."""
+    out = tmp_path / "r.jsonl"
+    flops = {}
+    for method in ("bp", "man"):
+        r = L.main(["--arch", "vit_tiny", "--method", method, "--bench", "1", "--batch-size", "4", "--out", str(out)])
+        assert r["act_peak_bytes"] > 0 and 0 < r["opt_state_bytes"] - 2 * r["grad_bytes"] < 4096   # AdamW: 2 moments
+        flops[method] = r["flops_per_img"]
+    matmul = 3 * 2 * 65 * (5_363_146 - 65 * 192)            # forward + backward through every weight, 65 tokens
+    attention = 3 * 2 * 2 * 65 * 65 * 192 * 12              # q k^T and a v in 12 blocks, forward + backward
+    assert matmul < flops["bp"] < (matmul + attention) * 1.5 and flops["bp"] > matmul + 0.5 * attention, flops
+    assert flops["man"] > flops["bp"]
+    capsys.readouterr()
+    L.main(["--report", str(out)])
+    assert "vit_tiny" in capsys.readouterr().out
+    run = lambda *a: L.main(train_args(cifar_dir, "--arch", "vit_tiny", "--method", "greedy", "--epochs", "2", *a))
+    full = run("--save", str(tmp_path / "a.pt"))
+    real, ck = L.Trainer.train_epoch, str(tmp_path / "b.pt")
+    monkeypatch.setattr(L.Trainer, "train_epoch", lambda self, opt, epoch, *a, **k: (_ for _ in ()).throw(
+        KeyboardInterrupt) if epoch == 2 else real(self, opt, epoch, *a, **k))
+    with pytest.raises(KeyboardInterrupt):
+        run("--save", ck)
+    monkeypatch.setattr(L.Trainer, "train_epoch", real)
+    resumed = run("--save", ck, "--resume", ck)
+    a, b = (torch.load(tmp_path / f, weights_only=False) for f in ("a.pt", "b.pt"))
+    assert a["opt"]["state"] and all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+    assert resumed["history"] == full["history"] and resumed["config"]["optimizer"] == "adamw"
