@@ -27,6 +27,7 @@ Methods (--method; add-ons take --base, and chain: --method sgr --base man+dgl),
               InfoPro* = --balanced-memory
     auglocal  AugLocal (Ma et al., ICLR 2024): aux nets built from uniformly sampled later layers, pyramidal depth
     man       add-on, MAN (Su et al., ECCV 2024): EMA + learnable copies of the next block feed the aux net
+              (on ViTs MAN++'s: copies of the next group's first 2 blocks, s LB + (2 - s) EMA)
     mlaan     add-on, MLAAN (Zhang et al., AAAI 2025): independent + cascade aux nets, leap augmented module
     sgr       add-on, SGR (Yang et al., ICML 2024): reconcile each module's input gradient with the previous
               module's output gradient (double backward)
@@ -54,7 +55,8 @@ Use it in your project (sections 3, 5, 7): any network as an ordered list of uni
         opt.step()
 Aux nets are sized from one dry run of the units. Greedy, DGL and SGR accept any features (maps, tokens,
 vectors); InfoPro, PredSim and AugLocal's DGL head need C x H x W maps; AugLocal deep-copies later units (or
-rebuilds them with a `block` factory); MAN copies the next unit; MLAAN needs our ResNets (its leap tables).
+rebuilds them with a `block` factory); MAN copies the next unit; MLAAN needs our ResNets (its leap tables). Our ViTs
+(`--arch vit_tiny|vit_small|vit_base`) run bp, greedy, dgl, auglocal, man and sgr, under their own protocol (AdamW).
 
 Sections, in reading order: 1 config -> 2 data -> 3 backbone & splits -> 4 auxiliary nets -> 5 methods -> 6 memory
 meter -> 7 training (the step, the epoch) -> 8 evaluation -> 9 distributed and pipelined execution (skip it on one

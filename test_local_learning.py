@@ -1779,7 +1779,7 @@ def _ddp_build(name):
     if name == "vit man":
         net = tiny_vit(size=32, patch=8, classes=10)
         return net, L.attach(net, "man")
-    return build_cli(*DDP_METHODS[name])
+    return build_cli(*DDP_METHODS[name], *(() if name == "mlaan" else ("--arch", "resnet20")))   # (MLAAN: its tables)
 
 
 def _ddp_worker(rank, world, port, out, eval_bn, names, dtype):
@@ -1896,19 +1896,21 @@ def _sequential(argv):
 
 def _pipe_args(cifar_dir, name, ck, *extra):
     method = PIPE_METHODS.get(name) or ("--method", "man", "--arch", "vit_tiny")               # (name: "vit man")
-    vit = name == "vit man"                                  # (ViT-Tiny: one epoch, a small test set)
-    return train_args(cifar_dir, *method, *(("--test-subset", "8") if vit else ("--K", "8")), "--epochs",
-                      "1" if vit else "2", "--warmup-epochs", "0" if vit else "1", "--save", ck, *extra)
+    vit = ("--K", "4", "--subset", "16", "--batch-size", "8", "--test-subset", "8", "--epochs", "1",
+           "--warmup-epochs", "0")                                  # (ViT-Tiny: 1 epoch of 2 steps; later flags win)
+    return train_args(cifar_dir, *method, "--K", "8", "--epochs", "2", "--warmup-epochs", "1",
+                      *(vit if name == "vit man" else ()), "--save", ck, *extra)
 
 
 @pytest.mark.parametrize("S, stages", [(2, None), (3, "2,3,3")])
 def test_pipeline_equals_sequential_bit_for_bit(cifar_dir, tmp_path, S, stages):
     """2 epochs of 2 batches through S gloo stages: every parameter and BatchNorm buffer of the backbone and of
-    every aux net (MAN's EMA copies included) equals the single-process run's, bit for bit. 2 stages: also MAN++
-    on a ViT (K = 4; its EMA reads the next stage's block before the backward)."""
+    every aux net (MAN's EMA copies included) equals the single-process run's, bit for bit. 2 stages: every method
+    and MAN++ on a ViT (K = 4; its EMA reads the next stage's block before the backward); 3 stages (a middle stage
+    that receives and sends): the methods that hand state across stages (MAN's weights, SGR's gradient)."""
     import torch.multiprocessing as mp
     extra = ("--pipeline",) + (("--stages", stages) if stages else ())
-    names = list(PIPE_METHODS) + (["vit man"] if S == 2 else [])
+    names = list(PIPE_METHODS) + ["vit man"] if S == 2 else ["dgl", "man", "sgr"]   # (3 stages: the stateful ones)
     jobs = [_pipe_args(cifar_dir, n, str(tmp_path / f"{n}_pipe.pt"), *extra) for n in names]
     mp.spawn(_pipe_worker, args=(S, _free_port(), jobs), nprocs=S, join=True)
     for n in names:
