@@ -2518,7 +2518,8 @@ def test_vit_command_line(capsys, tmp_path):
         assert code == 2 and err.startswith(f"error: --method {method}") and why in err and "\n" not in err
     for argv, why in ((("--K", "5"), "split evenly"), (("--method", "man", "--K", "12"), "at least 2 blocks"),
                       (("--protocol", "man"), "--protocol applies to ResNets"), (("--ends", "3,6", "--K", "4"),
-                                                                                 "--ends 3,6 makes 2 modules")):
+                                                                                 "--ends 3,6 makes 2 modules"),
+                      (("--ends", "3,x"), "unit indices separated by commas"), (("--ends", "6,3,12"), "increasing")):
         code, err = main_error(["--arch", "vit_tiny", "--print-splits", *argv], capsys)
         assert code == 2 and why in err, err
     resolved = lambda *a: vars(L.resolve_config(L.parse_args(list(a)))[0])
