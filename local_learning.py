@@ -368,8 +368,8 @@ def resolve_config(args):
 
 def parse_ends(text, K):
     """--ends "3,6,9,12" -> [3, 6, 9, 12] (checked against --K if both are given; LocalNet checks the rest)."""
-    if text is None or isinstance(text, list):
-        return text
+    if text is None:
+        return None
     try:
         ends = [int(e) for e in text.split(",")]
     except ValueError:
@@ -937,7 +937,7 @@ def vit_ends(arch, K):
     if K < 1 or VIT_DEPTH % K:
         raise UserError(f"--K {K}: {arch}'s {VIT_DEPTH} blocks split evenly into K = 1, 2, 3, 4, 6 or 12 groups "
                         f"(the official ViT code: 4); give any other split as unit ends with --ends")
-    return [VIT_DEPTH // K * (g + 1) for g in range(K)]
+    return [e + 1 for e in even_split(VIT_DEPTH, K)]   # (block B_j is unit j + 1: the embedding is unit 0)
 
 
 def unit_position(arch, i):
