@@ -2964,6 +2964,20 @@ def one_voice():
         yield
 
 
+@contextlib.contextmanager
+def own_process_group():
+    """A run that joins a process group (join_torchrun) leaves it when it ends well: a barrier (no rank closes its
+    connections while another still sends), then destroy_process_group -- while the interpreter is alive: a gloo
+    thread that lets go of a Python tensor during interpreter shutdown aborts the process (pytorch/pytorch#179291),
+    and NCCL warns about a group never destroyed. After an error the group is left as it is (a barrier with a dead
+    rank would hang), and a group made before (a caller's) is the caller's to close."""
+    ours = not (dist.is_available() and dist.is_initialized())
+    yield
+    if ours and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def join_torchrun(device, pipeline, sync_bn):
     """Join the process group of a torchrun launch of several processes; returns this rank's device. Returns
     None for one process: nothing changes."""
@@ -3434,6 +3448,9 @@ class Pipeline(Trainer):
                 mine = dict(stats=stats.cpu(), seen=seen, busy=busy, peak=meter.peak, secs=done + time.time() - t0)
                 guard.after_step(self, opt, dict(epoch=epoch, step=i + 1, of=n, order=order), mine)
         self._send_on([])                                   # (the last batch has left)
+        if last and self.weight_send is not None:          # (and the last weights sent back have arrived)
+            self._wait([self.weight_send[0]])
+            self.weight_send = None
         mine = dict(stats=stats, busy=busy - self.waited, act=meter.peak)   # (waits for messages are not busy)
         return self._epoch_row(mine, seen, sum(self.train_sizes[untimed:]), (t0, t_timed, done))
 
@@ -4160,7 +4177,7 @@ def main(argv=None):
             return report(args.report, args.report_run, args.plot)
         if args.plot:
             raise UserError("--plot draws a --report: add --report RESULTS")
-        with one_voice():                                   # (section 9: under torchrun, rank 0 prints)
+        with one_voice(), own_process_group():              # (section 9: under torchrun, rank 0 prints)
             return train(*resolve_config(args))
     except Preempted as e:
         if os.environ.get("RANK", "0") == "0":

@@ -1783,7 +1783,9 @@ def _ddp_build(name):
 
 
 def _ddp_worker(rank, world, port, out, eval_bn, names, dtype):
+    import faulthandler
     import torch.distributed as dist
+    faulthandler.enable()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -1871,14 +1873,19 @@ PIPE_METHODS = {"greedy": ("--method", "greedy"), "dgl": ("--method", "dgl"), "p
 
 
 def _pipe_worker(rank, world, port, jobs):
-    """Every job's L.main in one gloo group of `world` stages (one thread each)."""
+    """Every job's L.main in one gloo group of `world` stages (one thread each), made here: a group main did not
+    make is not main's to close. (faulthandler: a crash prints every thread's stack.)"""
+    import faulthandler
     import torch.distributed as dist
+    faulthandler.enable()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    dist.init_process_group("gloo")
     try:
         for argv in jobs:
             L.main(argv)
+            assert dist.is_initialized()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -2023,7 +2030,9 @@ def test_sigint_without_save_says_what_is_lost(cifar_dir, tmp_path):
 
 def _signal_worker(rank, world, port, argv, signal_at, pipeline, out):
     """L.main in a gloo group; rank 0 alone sends itself SIGTERM at training step `signal_at` (None: no signal)."""
+    import faulthandler
     import torch.distributed as dist
+    faulthandler.enable()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -2039,6 +2048,7 @@ def _signal_worker(rank, world, port, argv, signal_at, pipeline, out):
     setattr(L, name, step)
     try:
         r = L.main(argv)
+        assert not dist.is_initialized()                 # (main made the group: it closed it when the run ended)
         with open(os.path.join(out, f"result_{rank}.json"), "w") as f:
             json.dump([(h["loss"], h["train_acc"], h["test_acc"]) for h in r["history"]], f)
     except SystemExit as e:
