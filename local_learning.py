@@ -84,6 +84,15 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+if dist.is_available():
+    # Imported here, before any process group exists, on purpose: torch.distributed.nn.functional binds the
+    # current `group.WORLD` as a default argument of its collectives when it is first imported, and
+    # FlopCounterMode and torch.compile import it lazily (through torch._dynamo). Imported after
+    # init_process_group, it holds the group past destroy_process_group, so the group's gloo threads live on
+    # into interpreter shutdown, where one can abort the process ("terminate called without an active
+    # exception", pytorch/pytorch#179291) after a run that ended well.
+    import torch.distributed.nn.functional  # noqa: F401
+
 
 def first_line(e, limit=200):
     """The first line of an exception's message (library errors can span many lines)."""
@@ -2969,7 +2978,7 @@ def own_process_group():
     """A run that joins a process group (join_torchrun) leaves it when it ends well: a barrier (no rank closes its
     connections while another still sends), then destroy_process_group -- while the interpreter is alive: a gloo
     thread that lets go of a Python tensor during interpreter shutdown aborts the process (pytorch/pytorch#179291),
-    and NCCL warns about a group never destroyed. After an error the group is left as it is (a barrier with a dead
+    and NCCL warns about a group never destroyed. (The group really goes: see the import at the top.) After an error the group is left as it is (a barrier with a dead
     rank would hang), and a group made before (a caller's) is the caller's to close."""
     ours = not (dist.is_available() and dist.is_initialized())
     yield

@@ -2028,6 +2028,19 @@ def test_sigint_without_save_says_what_is_lost(cifar_dir, tmp_path):
     assert not (tmp_path / "r.jsonl").exists() or not (tmp_path / "r.jsonl").read_text()
 
 
+def _gloo_threads():
+    """How many gloo threads this process runs (Linux: /proc; 0 elsewhere). A group that outlives
+    destroy_process_group keeps them, and one of them can abort the process at interpreter exit."""
+    names = []
+    for t in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
+        try:
+            with open(f"/proc/self/task/{t}/comm") as f:
+                names.append(f.read())
+        except OSError:                                  # (a thread that ended meanwhile)
+            pass
+    return sum("gloo" in n for n in names)
+
+
 def _signal_worker(rank, world, port, argv, signal_at, pipeline, out):
     """L.main in a gloo group; rank 0 alone sends itself SIGTERM at training step `signal_at` (None: no signal)."""
     import faulthandler
@@ -2049,6 +2062,7 @@ def _signal_worker(rank, world, port, argv, signal_at, pipeline, out):
     try:
         r = L.main(argv)
         assert not dist.is_initialized()                 # (main made the group: it closed it when the run ended)
+        assert _gloo_threads() == 0                      # ... and its gloo threads ended (none into exit)
         with open(os.path.join(out, f"result_{rank}.json"), "w") as f:
             json.dump([(h["loss"], h["train_acc"], h["test_acc"]) for h in r["history"]], f)
     except SystemExit as e:
