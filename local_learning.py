@@ -2978,8 +2978,9 @@ def own_process_group():
     """A run that joins a process group (join_torchrun) leaves it when it ends well: a barrier (no rank closes its
     connections while another still sends), then destroy_process_group -- while the interpreter is alive: a gloo
     thread that lets go of a Python tensor during interpreter shutdown aborts the process (pytorch/pytorch#179291),
-    and NCCL warns about a group never destroyed. (The group really goes: see the import at the top.) After an error the group is left as it is (a barrier with a dead
-    rank would hang), and a group made before (a caller's) is the caller's to close."""
+    and NCCL warns about a group never destroyed. (That the group really goes: see the import at the top.) After
+    an error the group is left as it is (a barrier with a dead rank would hang), and a group made before (a
+    caller's) is the caller's to close."""
     ours = not (dist.is_available() and dist.is_initialized())
     yield
     if ours and dist.is_available() and dist.is_initialized():
